@@ -1,0 +1,349 @@
+"""Prequential (test-then-train) evaluation of the streaming model against baselines.
+
+Events are replayed in stream order in micro-batches of ``batch_size`` (the
+worker's default). Before an event is learned, the model and every baseline
+are asked for its user's top-10 (items the user has already seen excluded);
+a hit is counted when the event's item is among them. Only a fixed 1-in-
+``sample_every`` sample of events after the first ``warmup`` fraction is tested;
+every event is learned.
+
+Micro-batch semantics match the worker: within a batch each event is scored
+against embeddings as of the batch start and fast-path state (history, seen
+set, popularity) updated up to the previous event; the gradient steps then run
+on the whole batch. Baselines are counts and update per event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import datasets
+from .model import ModelConfig, StreamingModel
+
+K = 10
+
+
+# --------------------------------------------------------------------- metrics
+class _Metrics:
+    """Accumulates HR@10, NDCG@10 and MRR over tested events."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.hits = 0.0
+        self.ndcg = 0.0
+        self.mrr = 0.0
+        self.train_s = 0.0
+        self.train_events = 0
+
+    def add(self, rank: int | None) -> None:
+        """``rank`` is 0-based among unseen candidates, ``None`` = not rankable (miss)."""
+        self.n += 1
+        if rank is None:
+            return
+        self.mrr += 1.0 / (rank + 1)
+        if rank < K:
+            self.hits += 1
+            self.ndcg += 1.0 / math.log2(rank + 2)
+
+    def result(self) -> dict[str, float]:
+        n = max(self.n, 1)
+        return {"hr@10": self.hits / n, "ndcg@10": self.ndcg / n, "mrr": self.mrr / n,
+                "events_per_s": self.train_events / self.train_s if self.train_s > 0 else 0.0}
+
+
+def _rank(scores: np.ndarray, target: int, excluded: Iterable[int]) -> int | None:
+    """0-based position of ``target`` in the served order (score desc, then row asc).
+
+    ``scores`` (I,) over candidate rows; rows in ``excluded`` (seen) are removed
+    and ``-inf`` rows are not candidates.
+    """
+    if target < 0 or target >= len(scores):
+        return None
+    s = scores.astype(np.float64, copy=True)
+    ex = np.fromiter(excluded, dtype=np.int64)
+    if len(ex):
+        s[ex] = -np.inf
+    st = s[target]
+    if not np.isfinite(st):
+        return None
+    return int((s > st).sum() + (s[:target] == st).sum())
+
+
+# ------------------------------------------------------------------- baselines
+class _Baseline:
+    """Shared id -> index map and per-user seen sets; subclasses score and count."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, int] = {}
+        self.seen: dict[str, set[int]] = {}
+        self.metrics = _Metrics()
+
+    def _item(self, item: str) -> int:
+        row = self.items.get(item)
+        if row is None:
+            row = self.items[item] = len(self.items)
+        return row
+
+    def test(self, user: str, item: str, ts: int) -> None:
+        target = self.items.get(item, -1)
+        scores = self.scores(user, ts) if self.items else None
+        self.metrics.add(None if scores is None or target < 0
+                         else _rank(scores, target, self.seen.get(user, ())))
+
+    def learn(self, user: str, item: str, ts: int, w: float) -> None:
+        t0 = time.perf_counter()
+        row = self._item(item)
+        self.update(user, row, ts, w)
+        self.seen.setdefault(user, set()).add(row)
+        self.metrics.train_s += time.perf_counter() - t0
+        self.metrics.train_events += 1
+
+    def scores(self, user: str, ts: int) -> np.ndarray | None:
+        raise NotImplementedError
+
+    def update(self, user: str, row: int, ts: int, w: float) -> None:
+        raise NotImplementedError
+
+
+class PopularityBaseline(_Baseline):
+    """All-time event counts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = np.zeros(1024, dtype=np.float64)
+
+    def update(self, user: str, row: int, ts: int, w: float) -> None:
+        if row >= len(self.count):
+            self.count = np.concatenate([self.count, np.zeros_like(self.count)])
+        self.count[row] += w
+
+    def scores(self, user: str, ts: int) -> np.ndarray:
+        return self.count[: len(self.items)]
+
+
+class DecayedPopularityBaseline(PopularityBaseline):
+    """Exponentially decayed counts (event time), kept as log-sums against a fixed origin."""
+
+    def __init__(self, half_life_ms: int = 86_400_000) -> None:
+        super().__init__()
+        self.lam = math.log(2.0) / half_life_ms
+        self.t0: int | None = None
+        self.count[:] = -np.inf
+
+    def update(self, user: str, row: int, ts: int, w: float) -> None:
+        if row >= len(self.count):
+            self.count = np.concatenate([self.count, np.full_like(self.count, -np.inf)])
+        if self.t0 is None:
+            self.t0 = ts
+        x = self.lam * (ts - self.t0) + math.log(max(w, 1e-10))
+        self.count[row] = np.logaddexp(self.count[row], x)
+
+
+class CooccurrenceBaseline(PopularityBaseline):
+    """Incremental item co-occurrence over each user's last ``window`` items.
+
+    When a user clicks item i, C[j, i] and C[i, j] grow for each of the user's
+    previous ``window`` items j; a user is scored by the sum of C rows over
+    their last ``window`` items, ties broken by all-time popularity.
+    """
+
+    def __init__(self, window: int = 20) -> None:
+        super().__init__()
+        self.window = window
+        self.co: dict[int, dict[int, float]] = {}
+        self.recent: dict[str, list[int]] = {}
+
+    def update(self, user: str, row: int, ts: int, w: float) -> None:
+        super().update(user, row, ts, w)
+        rec = self.recent.setdefault(user, [])
+        ci = self.co.setdefault(row, {})
+        for j in rec:
+            if j == row:
+                continue
+            cj = self.co.setdefault(j, {})
+            cj[row] = cj.get(row, 0.0) + w
+            ci[j] = ci.get(j, 0.0) + w
+        rec.append(row)
+        if len(rec) > self.window:
+            del rec[0]
+
+    def scores(self, user: str, ts: int) -> np.ndarray:
+        n = len(self.items)
+        pop = self.count[:n]
+        out = pop / (pop.max() + 1.0) * 1e-3
+        for j in self.recent.get(user, ()):
+            row = self.co.get(j)
+            if row:
+                out[np.fromiter(row.keys(), dtype=np.int64, count=len(row))] += \
+                    np.fromiter(row.values(), dtype=np.float64, count=len(row))
+        return out
+
+
+# ------------------------------------------------------------------------ data
+def _to_arrays(events: Any) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """(users, items, ts_ms (N,) int64, weights (N,) float32) from dicts or a structured array."""
+    if isinstance(events, np.ndarray) and events.dtype.names:
+        users = [str(x) for x in events["user"].tolist()]
+        items = [str(x) for x in events["item"].tolist()]
+        return users, items, events["ts"].astype(np.int64), np.ones(len(events), np.float32)
+    users, items, ts, ws = [], [], [], []
+    for ev in events:
+        if not isinstance(ev, dict):
+            continue
+        try:
+            u, i, t = ev["user_id"], ev["item_id"], int(ev["ts"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if u is None or i is None or u == "" or i == "":
+            continue
+        users.append(str(u))
+        items.append(str(i))
+        ts.append(t)
+        ws.append(float(ev.get("weight", 1.0) or 1.0))
+    return users, items, np.asarray(ts, dtype=np.int64), np.asarray(ws, dtype=np.float32)
+
+
+# ------------------------------------------------------------------------- run
+def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: int = 0,
+             batch_size: int = 1000, model_cfg: ModelConfig | None = None,
+             device: str = "auto") -> dict[str, Any]:
+    """Prequential evaluation; returns the JSON result described in the module docstring.
+
+    ``events``: iterable of event dicts (``user_id``, ``item_id``, ``ts`` ms,
+    optional ``weight``) or the structured array of :func:`datasets.load_ml100k`.
+    The tested sample is every ``sample_every``-th event after warm-up, starting
+    at offset ``seed % sample_every``.
+    """
+    cfg = model_cfg or ModelConfig()
+    users, items, ts, ws = _to_arrays(events)
+    n = len(users)
+    start = int(math.ceil(warmup * n))
+    tested = np.zeros(n, dtype=bool)
+    if sample_every > 0 and start < n:
+        tested[start + (seed % sample_every)::sample_every] = True
+    model = StreamingModel(cfg, device=device)
+    baselines: dict[str, _Baseline] = {
+        "popularity": PopularityBaseline(),
+        "decayed_popularity": DecayedPopularityBaseline(cfg.pop_half_life_ms),
+        "cooccurrence": CooccurrenceBaseline(cfg.history),
+    }
+    mm = _Metrics()
+    test_s = 0.0
+    t_all = time.perf_counter()
+    for b0 in range(0, n, batch_size):
+        b1 = min(n, b0 + batch_size)
+        bu, bi, bt, bw = users[b0:b1], items[b0:b1], ts[b0:b1], ws[b0:b1]
+
+        def before(j: int, b0: int = b0, bu: list[str] = bu, bi: list[str] = bi,
+                   bt: np.ndarray = bt, bw: np.ndarray = bw) -> None:
+            nonlocal test_s
+            t0 = time.perf_counter()
+            if tested[b0 + j]:
+                mm.add(_model_rank(model, bu[j], bi[j]))
+                for bl in baselines.values():
+                    bl.test(bu[j], bi[j], int(bt[j]))
+            for bl in baselines.values():
+                bl.learn(bu[j], bi[j], int(bt[j]), float(bw[j]))
+            test_s += time.perf_counter() - t0
+
+        test_before = test_s
+        t0 = time.perf_counter()
+        model.learn(bu, bi, bt, bw, before_event=before)
+        mm.train_s += time.perf_counter() - t0 - (test_s - test_before)
+        mm.train_events += b1 - b0
+    wall = time.perf_counter() - t_all
+    res = mm.result()
+    return {
+        "model": res,
+        "baselines": {k: v.metrics.result() for k, v in baselines.items()},
+        "events_per_s": res["events_per_s"],
+        "n_events": n,
+        "n_tested": mm.n,
+        "batch_size": batch_size,
+        "device": str(model.device),
+        "wall_s": wall,
+    }
+
+
+def _model_rank(model: StreamingModel, user: str, item: str) -> int | None:
+    """Rank of ``item`` in the model's answer for ``user`` (popular fallback for new users)."""
+    target = model.item_row(item)
+    if target is None:
+        return None
+    row = model.user_row(user)
+    live = model.live_items()
+    if row is None:
+        pop = model._pop[: model.n_items]
+        scores = np.where(live & np.isfinite(pop), pop, -np.inf)
+        return _rank(scores, target, ())
+    scores = model.score_user(user)
+    assert scores is not None
+    scores = np.where(live, scores, -np.inf)
+    return _rank(scores, target, model.seen_rows(row))
+
+
+# ------------------------------------------------------------------------- cli
+def format_table(result: dict[str, Any]) -> str:
+    """Terminal table: one row per system."""
+    rows = [("model", result["model"])] + list(result["baselines"].items())
+    lines = [f"{'system':<20} {'HR@10':>8} {'NDCG@10':>8} {'MRR':>8} {'train ev/s':>12}"]
+    for name, r in rows:
+        lines.append(f"{name:<20} {r['hr@10']:>8.4f} {r['ndcg@10']:>8.4f} {r['mrr']:>8.4f} "
+                     f"{r['events_per_s']:>12,.0f}")
+    lines.append(f"events={result['n_events']} tested={result['n_tested']} "
+                 f"batch={result['batch_size']} device={result['device']} "
+                 f"wall={result['wall_s']:.1f}s")
+    return "\n".join(lines)
+
+
+def load_events(dataset: str) -> Any:
+    """``"ml-100k"`` -> structured array; otherwise a JSONL/CSV path read by ``iter_file``."""
+    if dataset == "ml-100k":
+        return datasets.load_ml100k()
+    return datasets.iter_file(Path(dataset))
+
+
+def _handle(args: argparse.Namespace) -> int:
+    cfg = ModelConfig()
+    result = run_eval(load_events(args.dataset), warmup=args.warmup,
+                      sample_every=args.sample_every, seed=args.seed,
+                      batch_size=args.batch_size, model_cfg=cfg, device=args.device)
+    print(format_table(result), flush=True)
+    if args.json:
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``eval`` subcommand on an argparse subparsers object."""
+    p = subparsers.add_parser("eval", help="prequential evaluation of the model vs baselines",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="ml-100k", help="ml-100k or a JSONL/CSV events file")
+    p.add_argument("--warmup", type=float, default=0.1, help="fraction learned before testing")
+    p.add_argument("--sample-every", type=int, default=25, help="test 1 in N events")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
+    p.set_defaults(func=_handle)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry: ``python -m stream_rec.evaluation eval ...``."""
+    parser = argparse.ArgumentParser(prog="stream-rec")
+    add_parser(parser.add_subparsers(dest="cmd", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

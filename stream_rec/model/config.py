@@ -1,0 +1,37 @@
+"""Hyper-parameters of the streaming model.
+
+Every field has a default that works on a laptop and reaches the quality target
+on MovieLens-100K; the worker reads it as ``Settings.model`` (env
+``STREAM_REC_MODEL__DIM=...``).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ModelConfig(BaseModel):
+    """Configuration of :class:`~stream_rec.model.StreamingModel`.
+
+    Time values are event-time milliseconds; rates are per gradient step.
+    """
+
+    dim: int = Field(64, ge=1, description="embedding width D; FAISS vectors have D + 1 columns")
+    history: int = Field(20, ge=1, description="recent items kept per user (fast path)")
+    seed: int = 0
+    admit_after: int = Field(0, ge=0, description="0/1 = off; else an id gets a row at its Nth event")
+    ttl_ms: int = Field(0, ge=0, description="0 = off; else ids idle this long (event time) expire")
+
+    # slow path: sampled-softmax gradient steps per micro-batch
+    lr: float = Field(0.1, gt=0, description="row-wise Adagrad learning rate")
+    steps: int = Field(2, ge=1, description="gradient steps per micro-batch")
+    negatives: int = Field(512, ge=0, description="uniform item negatives per step (plus in-batch)")
+    replay: int = Field(2000, ge=0, description="recent events kept for replay")
+    replay_per_step: int = Field(500, ge=0, description="replayed events mixed into each step")
+    init_std: float = Field(0.05, gt=0)
+    l2: float = Field(0.0, ge=0, description="L2 on the gathered rows, per step")
+    use_user_vector: bool = Field(True, description="add a learned per-user vector to the query")
+
+    # fast path: decayed popularity folded into the item vector's extra column
+    pop_half_life_ms: int = Field(86_400_000, gt=0, description="half-life of the popularity term")
+    pop_weight: float = Field(0.3, description="weight of log decayed popularity in the score")

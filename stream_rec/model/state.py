@@ -1,0 +1,134 @@
+"""The model's state as plain numpy: what snapshots store and serving reads.
+
+A :class:`ModelState` is self-contained: serving loads one, builds a FAISS
+inner-product index over ``tables["item.vectors"]`` and answers with
+:meth:`ModelState.query` -- numpy only, no torch.
+
+Scoring (identical in :class:`~stream_rec.model.StreamingModel`)::
+
+    q_u   = user.vec[u] + sum_h global.pos_w[h] * item.in[user.hist[u, h]]      (D,)
+    v_i   = [item.out[i], item.bias[i] + pop_weight * item.pop_log[i]]           (D + 1,)
+    score = [q_u, 1] . v_i
+
+``user.hist[u, 0]`` is the user's most recent item (``-1`` = empty slot), so the
+query follows the user's newest clicks as soon as the fast path has seen them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Changed:
+    """Rows whose state changed in one :meth:`StreamingModel.learn` call.
+
+    ``users`` and ``items`` are sorted, unique int64 row numbers. They include
+    expired rows (their id became ``""``) so a delta can publish the removal.
+    """
+
+    users: np.ndarray
+    items: np.ndarray
+
+
+@dataclass
+class ModelState:
+    """A consistent CPU copy of the whole model.
+
+    Tables (``U`` users, ``I`` items, ``D`` = ``config["dim"]``, ``H`` = ``config["history"]``):
+
+    - ``user.vec`` (U, D) f32, ``user.hist`` (U, H) i64 item rows newest first (-1 empty),
+      ``user.last_ts`` (U,) i64 ms, ``user.events`` (U,) i64 events learned,
+      ``user.acc`` (U,) f32 Adagrad accumulator.
+    - ``item.vectors`` (I, D + 1) f32 FAISS inner-product vectors, ``item.in`` / ``item.out``
+      (I, D) f32, ``item.bias`` (I,) f32, ``item.pop_log`` (I,) f64 log decayed event count
+      relative to ``global.t_ref``, ``item.last_ts``, ``item.events`` (I,) i64,
+      ``item.acc_in`` / ``item.acc_out`` / ``item.acc_bias`` (I,) f32.
+    - ``global.*``: ``pos_w`` / ``pos_acc`` (H,) f32, ``step``, ``t_ref``, ``watermark`` (1,) i64,
+      ``seen_indptr`` (U + 1,) / ``seen_items`` i64 (CSR of each user's seen item rows),
+      ``replay_user`` / ``replay_item`` / ``replay_weight`` / ``replay_hist`` (recent events),
+      ``free_users`` / ``free_items`` i64 (rows free for reuse),
+      ``pending_user_ids`` / ``pending_user_counts`` (and ``item``) for admission.
+    """
+
+    config: dict[str, Any]
+    user_ids: list[str]
+    item_ids: list[str]
+    tables: dict[str, np.ndarray]
+    _user_index: dict[str, int] | None = field(default=None, repr=False, compare=False)
+    _item_index: dict[str, int] | None = field(default=None, repr=False, compare=False)
+    _faiss: Any = field(default=None, repr=False, compare=False)
+
+    # ---- id lookup -------------------------------------------------------------
+    def user_row(self, user_id: str) -> int | None:
+        """Row of ``user_id`` or ``None`` when unknown, not yet admitted or expired."""
+        if self._user_index is None:
+            self._user_index = {u: r for r, u in enumerate(self.user_ids) if u}
+        return self._user_index.get(str(user_id))
+
+    def item_row(self, item_id: str) -> int | None:
+        """Row of ``item_id`` or ``None``."""
+        if self._item_index is None:
+            self._item_index = {i: r for r, i in enumerate(self.item_ids) if i}
+        return self._item_index.get(str(item_id))
+
+    # ---- scoring ---------------------------------------------------------------
+    def query(self, user_rows: np.ndarray) -> np.ndarray:
+        """Query vectors (B, D + 1) float32 for user rows (B,), to score by inner product."""
+        rows = np.asarray(user_rows, dtype=np.int64).reshape(-1)
+        t = self.tables
+        item_in = t["item.in"]
+        hist = t["user.hist"][rows]                                   # (B, H)
+        mask = hist >= 0
+        emb = item_in[np.where(mask, hist, 0)] * mask[..., None]      # (B, H, D)
+        q = np.einsum("bhd,h->bd", emb, t["global.pos_w"]).astype(np.float32)
+        if self.config.get("use_user_vector", True):
+            q = q + t["user.vec"][rows]
+        out = np.ones((len(rows), q.shape[1] + 1), dtype=np.float32)
+        out[:, :-1] = q
+        return out
+
+    def seen(self, user_row: int) -> np.ndarray:
+        """Item rows the user has interacted with (to exclude from answers)."""
+        ptr = self.tables["global.seen_indptr"]
+        if user_row < 0 or user_row + 1 >= len(ptr):
+            return np.zeros(0, dtype=np.int64)
+        return self.tables["global.seen_items"][ptr[user_row]:ptr[user_row + 1]]
+
+    def popular(self, k: int) -> np.ndarray:
+        """Up to ``k`` live item rows, by decayed popularity, most popular first."""
+        pop = np.where(np.array([bool(i) for i in self.item_ids], dtype=bool),
+                       self.tables["item.pop_log"], -np.inf)
+        order = np.argsort(-pop, kind="stable")[:k]
+        return order[np.isfinite(pop[order])]
+
+    def recommend(self, user_id: str, k: int) -> list[tuple[str, float]]:
+        """Reference answer through FAISS ``IndexFlatIP``: top-``k`` unseen items with scores.
+
+        Unknown users get decayed-popular items with their popularity score.
+        """
+        row = self.user_row(user_id)
+        if row is None:
+            rows = self.popular(k)
+            return [(self.item_ids[r], float(self.tables["item.pop_log"][r])) for r in rows]
+        import faiss
+
+        if self._faiss is None:
+            live = np.flatnonzero(np.array([bool(i) for i in self.item_ids], dtype=bool))
+            index = faiss.IndexIDMap(faiss.IndexFlatIP(self.tables["item.vectors"].shape[1]))
+            if len(live):
+                index.add_with_ids(np.ascontiguousarray(self.tables["item.vectors"][live]),
+                                   live.astype(np.int64))
+            self._faiss = index
+        seen = self.seen(row)
+        fetch = min(k + len(seen), self._faiss.ntotal)
+        if fetch <= 0:
+            return []
+        scores, ids = self._faiss.search(self.query(np.array([row])), fetch)
+        seen_set = set(seen.tolist())
+        out = [(self.item_ids[i], float(s)) for s, i in zip(scores[0], ids[0])
+               if i >= 0 and int(i) not in seen_set]
+        return out[:k]

@@ -1,0 +1,609 @@
+"""Two-speed streaming recommender.
+
+Fast path (per event, numpy/Python, microseconds): id -> row mapping with
+admission and growth, the user's recent-items history and seen set, event
+counters and the item's decayed popularity. Because the query is a mix of the
+user's most recent items, a click changes its user's next answer at once,
+before any gradient step.
+
+Slow path (per micro-batch, torch on ``cpu`` or ``cuda``): a few sampled-softmax
+gradient steps (in-batch targets + uniform negatives, plus events replayed from
+a small buffer of recent ones) with row-wise Adagrad on only the rows touched.
+
+See ``docs/MODEL.md`` for the design and measured ablations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+from .state import Changed, ModelState
+
+_EPS = 1e-10
+_REANCHOR = 200.0  # re-base pop_log when the newest event is this many nats past t_ref
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"`` -> cuda when available else cpu; anything else is passed to torch."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class _Ids:
+    """External id <-> row with reuse of freed rows and optional admission counting."""
+
+    def __init__(self, admit_after: int) -> None:
+        self.index: dict[str, int] = {}
+        self.ids: list[str] = []
+        self.free: list[int] = []
+        self.pending: dict[str, int] = {}
+        self.admit_after = admit_after
+
+    def lookup(self, key: str) -> tuple[int, bool]:
+        """(row, is_new) for ``key``; row -1 while it waits for admission."""
+        row = self.index.get(key)
+        if row is not None:
+            return row, False
+        if self.admit_after > 1:
+            c = self.pending.get(key, 0) + 1
+            if c < self.admit_after:
+                self.pending[key] = c
+                return -1, False
+            self.pending.pop(key, None)
+        if self.free:
+            row = self.free.pop()
+            self.ids[row] = key
+        else:
+            row = len(self.ids)
+            self.ids.append(key)
+        self.index[key] = row
+        return row, True
+
+    def release(self, row: int) -> None:
+        del self.index[self.ids[row]]
+        self.ids[row] = ""
+        self.free.append(row)
+
+
+class StreamingModel:
+    """Streaming two-tower model whose user tower reads the user's recent items.
+
+    Tables live on ``self.device`` and grow by capacity doubling; ``n_users`` /
+    ``n_items`` count rows in use (expired rows included until reused).
+    Not thread-safe: call :meth:`learn`, :meth:`recommend` and :meth:`state` from
+    one thread; hand the :class:`ModelState` returned by :meth:`state` to others.
+    """
+
+    def __init__(self, cfg: ModelConfig | None = None, device: str = "auto") -> None:
+        self.cfg = cfg or ModelConfig()
+        self.device = resolve_device(device)
+        c = self.cfg
+        self._lam = math.log(2.0) / c.pop_half_life_ms
+        self._users = _Ids(c.admit_after)
+        self._items = _Ids(c.admit_after)
+        self._step = 0
+        self._t_ref: int | None = None
+        self._watermark: int | None = None
+        cap_u = cap_i = 16
+        D, H = c.dim, c.history
+        f32 = dict(dtype=torch.float32, device=self.device)
+        # slow-path parameters (device)
+        self._U = torch.zeros(cap_u, D, **f32)
+        self._U_acc = torch.zeros(cap_u, **f32)
+        self._Ein = torch.zeros(cap_i, D, **f32)
+        self._Eout = torch.zeros(cap_i, D, **f32)
+        self._B = torch.zeros(cap_i, **f32)
+        self._acc_in = torch.zeros(cap_i, **f32)
+        self._acc_out = torch.zeros(cap_i, **f32)
+        self._acc_b = torch.zeros(cap_i, **f32)
+        self._pos_w = torch.from_numpy(self._initial_pos_w()).to(self.device)
+        self._pos_acc = torch.zeros(H, **f32)
+        # fast-path state (host)
+        self._hist = np.full((cap_u, H), -1, dtype=np.int64)
+        self._u_last = np.zeros(cap_u, dtype=np.int64)
+        self._u_events = np.zeros(cap_u, dtype=np.int64)
+        self._seen: list[set[int]] = []
+        self._i_last = np.zeros(cap_i, dtype=np.int64)
+        self._i_events = np.zeros(cap_i, dtype=np.int64)
+        self._pop = np.full(cap_i, -np.inf, dtype=np.float64)
+        # replay ring buffer
+        R = c.replay
+        self._rp_u = np.zeros(R, dtype=np.int64)
+        self._rp_i = np.zeros(R, dtype=np.int64)
+        self._rp_w = np.zeros(R, dtype=np.float32)
+        self._rp_h = np.full((R, H), -1, dtype=np.int64)
+        self._rp_n = 0      # filled entries
+        self._rp_pos = 0    # next write position
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def n_users(self) -> int:
+        return len(self._users.ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self._items.ids)
+
+    def _initial_pos_w(self) -> np.ndarray:
+        """Start with recency-decayed weights (newest item weighs most)."""
+        h = np.arange(self.cfg.history, dtype=np.float32)
+        return (0.8 ** h).astype(np.float32)
+
+    # ----------------------------------------------------------------- growth
+    def _grow_users(self, need: int) -> None:
+        cap = self._hist.shape[0]
+        if need <= cap:
+            return
+        new = max(need, 2 * cap)
+        self._U = _grow_t(self._U, new)
+        self._U_acc = _grow_t(self._U_acc, new)
+        self._hist = _grow_np(self._hist, new, -1)
+        self._u_last = _grow_np(self._u_last, new, 0)
+        self._u_events = _grow_np(self._u_events, new, 0)
+
+    def _grow_items(self, need: int) -> None:
+        cap = self._pop.shape[0]
+        if need <= cap:
+            return
+        new = max(need, 2 * cap)
+        for name in ("_Ein", "_Eout", "_B", "_acc_in", "_acc_out", "_acc_b"):
+            setattr(self, name, _grow_t(getattr(self, name), new))
+        self._i_last = _grow_np(self._i_last, new, 0)
+        self._i_events = _grow_np(self._i_events, new, 0)
+        self._pop = _grow_np(self._pop, new, -np.inf)
+
+    # ------------------------------------------------------------------ learn
+    def learn(self, user_ids: Sequence[str], item_ids: Sequence[str], ts_ms: np.ndarray,
+              weights: np.ndarray | None = None,
+              before_event: Callable[[int], None] | None = None) -> Changed:
+        """Apply one micro-batch of events, in stream order.
+
+        The fast path runs event by event; then ``cfg.steps`` gradient steps run on
+        the batch (plus replayed events). ``before_event(j)``, when given, is
+        called before event ``j`` touches any state -- the prequential evaluator
+        uses it to test each event against the state it would have been served
+        from. ``ts_ms`` (N,) int64 event time in ms; ``weights`` (N,) float, default 1.
+        """
+        n = len(user_ids)
+        ts = np.asarray(ts_ms, dtype=np.int64).reshape(-1)
+        w_in = (np.ones(n, dtype=np.float32) if weights is None
+                else np.asarray(weights, dtype=np.float32).reshape(-1))
+        if len(item_ids) != n or len(ts) != n or len(w_in) != n:
+            raise ValueError("user_ids, item_ids, ts_ms and weights must have equal length")
+        H = self.cfg.history
+        ex_u = np.empty(n, dtype=np.int64)
+        ex_i = np.empty(n, dtype=np.int64)
+        ex_w = np.empty(n, dtype=np.float32)
+        ex_h = np.empty((n, H), dtype=np.int64)
+        new_u: list[int] = []
+        new_i: list[int] = []
+        m = 0
+        if self._t_ref is None and n:
+            self._t_ref = int(ts[0])
+        users, items = self._users, self._items
+        lam = self._lam
+        t_ref = self._t_ref
+        wm = self._watermark if self._watermark is not None else (int(ts[0]) if n else 0)
+        for j in range(n):
+            if before_event is not None:
+                before_event(j)
+            u, u_new = users.lookup(str(user_ids[j]))
+            i, i_new = items.lookup(str(item_ids[j]))
+            if u_new:
+                self._grow_users(u + 1)
+                new_u.append(u)
+                if u == len(self._seen):
+                    self._seen.append(set())
+            if i_new:
+                self._grow_items(i + 1)
+                new_i.append(i)
+            if u < 0 or i < 0:
+                continue
+            t = int(ts[j])
+            if t > wm:
+                wm = t
+            hist = self._hist[u]
+            ex_u[m] = u
+            ex_i[m] = i
+            ex_w[m] = w_in[j]
+            ex_h[m] = hist
+            m += 1
+            hist[1:] = hist[:-1].copy()
+            hist[0] = i
+            self._seen[u].add(i)
+            self._u_events[u] += 1
+            self._i_events[i] += 1
+            self._u_last[u] = max(self._u_last[u], t)
+            self._i_last[i] = max(self._i_last[i], t)
+            x = lam * (t - t_ref) + math.log(max(float(w_in[j]), _EPS))
+            p = self._pop[i]
+            self._pop[i] = x if p == -math.inf else max(p, x) + math.log1p(math.exp(-abs(p - x)))
+        self._watermark = wm
+        ex_u, ex_i, ex_w, ex_h = ex_u[:m], ex_i[:m], ex_w[:m], ex_h[:m]
+        all_items_changed = self._maybe_reanchor()
+        self._init_rows(new_u, new_i)
+        exp_u, exp_i = self._expire()
+        if len(exp_u) or len(exp_i):
+            keep = ~(np.isin(ex_u, exp_u) | np.isin(ex_i, exp_i))
+            ex_u, ex_i, ex_w, ex_h = ex_u[keep], ex_i[keep], ex_w[keep], ex_h[keep]
+            if len(exp_i):
+                ex_h[np.isin(ex_h, exp_i)] = -1
+        ch_u: list[np.ndarray] = [ex_u, exp_u, np.asarray(new_u, dtype=np.int64)]
+        ch_i: list[np.ndarray] = [ex_i, exp_i, np.asarray(new_i, dtype=np.int64)]
+        if m:
+            tu, ti = self._train(ex_u, ex_i, ex_h, ex_w)
+            ch_u.append(tu)
+            ch_i.append(ti)
+            self._push_replay(ex_u, ex_i, ex_h, ex_w)
+        self._step += 1
+        if all_items_changed:
+            ch_i.append(np.arange(self.n_items, dtype=np.int64))
+        users_c = np.unique(np.concatenate(ch_u)).astype(np.int64)
+        items_c = np.unique(np.concatenate(ch_i)).astype(np.int64)
+        return Changed(users=users_c[users_c >= 0], items=items_c[items_c >= 0])
+
+    def _maybe_reanchor(self) -> bool:
+        """Keep ``pop_log`` small: shift the reference time when it has drifted far."""
+        if self._watermark is None or self._t_ref is None:
+            return False
+        drift = self._lam * (self._watermark - self._t_ref)
+        if drift < _REANCHOR:
+            return False
+        self._pop[: self.n_items] -= drift
+        self._t_ref = int(self._watermark)
+        return True
+
+    def _init_rows(self, new_u: list[int], new_i: list[int]) -> None:
+        """Initialise rows allocated in this batch; seeded by (seed, step) for exact replay."""
+        if new_u:
+            r = torch.as_tensor(np.asarray(new_u, dtype=np.int64), device=self.device)
+            self._U[r] = 0.0
+            self._U_acc[r] = 0.0
+        if new_i:
+            rows = np.asarray(new_i, dtype=np.int64)
+            rng = np.random.default_rng([self.cfg.seed, 1, self._step])
+            D = self.cfg.dim
+            init = rng.standard_normal((2, len(rows), D)).astype(np.float32) * self.cfg.init_std
+            r = torch.as_tensor(rows, device=self.device)
+            self._Ein[r] = torch.from_numpy(init[0]).to(self.device)
+            self._Eout[r] = torch.from_numpy(init[1]).to(self.device)
+            for t in (self._B, self._acc_in, self._acc_out, self._acc_b):
+                t[r] = 0.0
+
+    # ----------------------------------------------------------------- expiry
+    def _expire(self) -> tuple[np.ndarray, np.ndarray]:
+        """Free rows idle for more than ``ttl_ms`` of event time (off when 0)."""
+        ttl = self.cfg.ttl_ms
+        empty = np.zeros(0, dtype=np.int64)
+        if ttl <= 0 or self._watermark is None:
+            return empty, empty
+        cut = self._watermark - ttl
+        nu, ni = self.n_users, self.n_items
+        live_u = np.array([bool(x) for x in self._users.ids], dtype=bool)
+        live_i = np.array([bool(x) for x in self._items.ids], dtype=bool)
+        exp_u = np.flatnonzero(live_u & (self._u_last[:nu] < cut)).astype(np.int64)
+        exp_i = np.flatnonzero(live_i & (self._i_last[:ni] < cut)).astype(np.int64)
+        if len(exp_u):
+            for r in exp_u.tolist():
+                self._users.release(r)
+                self._seen[r] = set()
+            self._hist[exp_u] = -1
+            self._u_last[exp_u] = 0
+            self._u_events[exp_u] = 0
+            ru = torch.as_tensor(exp_u, device=self.device)
+            self._U[ru] = 0.0
+            self._U_acc[ru] = 0.0
+        if len(exp_i):
+            for r in exp_i.tolist():
+                self._items.release(r)
+            gone = set(exp_i.tolist())
+            for s in self._seen:
+                if s and not s.isdisjoint(gone):
+                    s -= gone
+            hist = self._hist[:nu]
+            hist[np.isin(hist, exp_i)] = -1
+            self._i_last[exp_i] = 0
+            self._i_events[exp_i] = 0
+            self._pop[exp_i] = -np.inf
+            ri = torch.as_tensor(exp_i, device=self.device)
+            for t in (self._Ein, self._Eout, self._B, self._acc_in, self._acc_out, self._acc_b):
+                t[ri] = 0.0
+        if self._rp_n and (len(exp_u) or len(exp_i)):
+            k = self._rp_n
+            dead = np.isin(self._rp_u[:k], exp_u) | np.isin(self._rp_i[:k], exp_i)
+            self._rp_w[:k][dead] = 0.0
+            self._rp_h[:k][np.isin(self._rp_h[:k], exp_i)] = -1
+        return exp_u, exp_i
+
+    # ---------------------------------------------------------------- replay
+    def _push_replay(self, u: np.ndarray, i: np.ndarray, h: np.ndarray, w: np.ndarray) -> None:
+        R = self.cfg.replay
+        if R <= 0:
+            return
+        if len(u) > R:
+            u, i, h, w = u[-R:], i[-R:], h[-R:], w[-R:]
+        idx = (self._rp_pos + np.arange(len(u))) % R
+        self._rp_u[idx], self._rp_i[idx], self._rp_h[idx], self._rp_w[idx] = u, i, h, w
+        self._rp_pos = int((self._rp_pos + len(u)) % R)
+        self._rp_n = min(R, self._rp_n + len(u))
+
+    # ----------------------------------------------------------------- train
+    def _train(self, u: np.ndarray, i: np.ndarray, h: np.ndarray,
+               w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sampled-softmax steps on the batch (N events) plus replay; returns touched rows."""
+        c = self.cfg
+        dev = self.device
+        rng = np.random.default_rng([c.seed, 2, self._step])
+        live_items = self.n_items
+        touched_u: list[np.ndarray] = []
+        touched_i: list[np.ndarray] = []
+        pop = self._pop[:live_items]
+        for _ in range(c.steps):
+            bu, bi, bh, bw = u, i, h, w
+            k = min(c.replay_per_step, self._rp_n)
+            if k > 0:
+                sel = rng.choice(self._rp_n, size=k, replace=False)
+                rw = self._rp_w[sel]
+                ok = rw > 0
+                sel = sel[ok]
+                bu = np.concatenate([bu, self._rp_u[sel]])
+                bi = np.concatenate([bi, self._rp_i[sel]])
+                bh = np.concatenate([bh, self._rp_h[sel]])
+                bw = np.concatenate([bw, rw[ok]])
+            neg = rng.integers(0, live_items, size=c.negatives) if c.negatives else \
+                np.zeros(0, dtype=np.int64)
+            if len(neg):
+                neg = neg[np.isfinite(pop[neg])]
+            cand, label = np.unique(np.concatenate([bi, neg]), return_inverse=True)
+            label = label[: len(bi)]
+            uu, u_inv = np.unique(bu, return_inverse=True)
+            flat = bh.reshape(-1)
+            hh, h_inv = np.unique(np.where(flat >= 0, flat, -1), return_inverse=True)
+            # hh may start with -1 (empty slot): map it to a zero row
+            has_pad = len(hh) and hh[0] < 0
+            hrows = hh[1:] if has_pad else hh
+            self._sgd_step(uu, u_inv, hrows, h_inv, has_pad, bh.shape, cand, label, bw, pop)
+            touched_u.append(uu)
+            touched_i.extend([cand, hrows])
+        del dev
+        return np.concatenate(touched_u), np.concatenate(touched_i)
+
+    def _sgd_step(self, uu: np.ndarray, u_inv: np.ndarray, hrows: np.ndarray,
+                  h_inv: np.ndarray, has_pad: bool, hshape: tuple[int, int], cand: np.ndarray,
+                  label: np.ndarray, bw: np.ndarray, pop: np.ndarray) -> None:
+        c = self.cfg
+        dev = self.device
+        t_uu = torch.as_tensor(uu, device=dev)
+        t_hr = torch.as_tensor(hrows, device=dev)
+        t_c = torch.as_tensor(cand, device=dev)
+        U = self._U[t_uu].requires_grad_(c.use_user_vector)
+        Ei = self._Ein[t_hr].requires_grad_(True)
+        Eo = self._Eout[t_c].requires_grad_(True)
+        Bc = self._B[t_c].requires_grad_(True)
+        pw = self._pos_w.clone().requires_grad_(True)
+        if has_pad:
+            Ei_full = torch.cat([torch.zeros(1, Ei.shape[1], device=dev), Ei])
+        else:
+            Ei_full = Ei
+        hidx = torch.as_tensor(h_inv.reshape(hshape), device=dev)
+        hist_emb = Ei_full[hidx]                                        # (N, H, D)
+        q = torch.einsum("nhd,h->nd", hist_emb, pw)                     # (N, D)
+        if c.use_user_vector:
+            q = q + U[torch.as_tensor(u_inv, device=dev)]
+        pc = pop[cand]
+        prior = torch.as_tensor((c.pop_weight * (pc - pc.max())).astype(np.float32), device=dev)
+        logits = q @ Eo.T + (Bc + prior)                                # (N, C)
+        ce = torch.nn.functional.cross_entropy(
+            logits, torch.as_tensor(label, device=dev), reduction="none")
+        loss = (ce * torch.as_tensor(bw, device=dev)).sum()
+        if c.l2 > 0:
+            loss = loss + c.l2 * (Ei.pow(2).sum() + Eo.pow(2).sum() + U.pow(2).sum())
+        params = [Ei, Eo, Bc, pw] + ([U] if c.use_user_vector else [])
+        grads = torch.autograd.grad(loss, params)
+        lr = c.lr
+        with torch.no_grad():
+            _adagrad_rows(self._Ein, self._acc_in, t_hr, Ei, grads[0], lr)
+            _adagrad_rows(self._Eout, self._acc_out, t_c, Eo, grads[1], lr)
+            acc = self._acc_b[t_c] + grads[2].pow(2)
+            self._acc_b[t_c] = acc
+            self._B[t_c] = Bc.detach() - lr * grads[2] / (acc.sqrt() + 1e-8)
+            self._pos_acc += grads[3].pow(2)
+            self._pos_w -= 0.1 * lr * grads[3] / (self._pos_acc.sqrt() + 1e-8)
+            if c.use_user_vector:
+                _adagrad_rows(self._U, self._U_acc, t_uu, U, grads[4], lr)
+
+    # ------------------------------------------------------------- serving
+    def _user_query(self, rows: np.ndarray) -> torch.Tensor:
+        """Query vectors (B, D + 1) on device from the current fast-path history."""
+        hist = torch.as_tensor(self._hist[rows], device=self.device)    # (B, H)
+        mask = (hist >= 0).to(torch.float32)
+        emb = self._Ein[hist.clamp_min(0)] * mask[..., None]
+        q = torch.einsum("bhd,h->bd", emb, self._pos_w)
+        if self.cfg.use_user_vector:
+            q = q + self._U[torch.as_tensor(rows, device=self.device)]
+        return torch.cat([q, torch.ones(len(rows), 1, device=self.device)], dim=1)
+
+    def _item_vectors(self) -> torch.Tensor:
+        """FAISS vectors (I, D + 1): output embedding and bias + weighted log popularity."""
+        n = self.n_items
+        pop = np.where(np.isfinite(self._pop[:n]), self._pop[:n], 0.0)
+        extra = self._B[:n] + torch.as_tensor(
+            (self.cfg.pop_weight * pop).astype(np.float32), device=self.device)
+        return torch.cat([self._Eout[:n], extra[:, None]], dim=1)
+
+    def score_user(self, user_id: str) -> np.ndarray | None:
+        """Scores (I,) float32 of every item row for a known user (seen not removed)."""
+        row = self._users.index.get(str(user_id))
+        if row is None:
+            return None
+        q = self._user_query(np.array([row]))
+        return (self._item_vectors() @ q[0]).cpu().numpy()
+
+    def user_row(self, user_id: str) -> int | None:
+        return self._users.index.get(str(user_id))
+
+    def item_row(self, item_id: str) -> int | None:
+        return self._items.index.get(str(item_id))
+
+    def seen_rows(self, user_row: int) -> set[int]:
+        return self._seen[user_row]
+
+    def live_items(self) -> np.ndarray:
+        """Bool mask (I,) of rows that hold an item."""
+        return np.array([bool(x) for x in self._items.ids], dtype=bool)
+
+    def popular_rows(self, k: int) -> np.ndarray:
+        pop = np.where(self.live_items(), self._pop[: self.n_items], -np.inf)
+        order = np.argsort(-pop, kind="stable")[:k]
+        return order[np.isfinite(pop[order])]
+
+    def recommend(self, user_id: str, k: int) -> list[tuple[str, float]]:
+        """Top-``k`` unseen items for ``user_id``; unknown users get decayed-popular items."""
+        row = self._users.index.get(str(user_id))
+        if row is None:
+            return [(self._items.ids[r], float(self._pop[r])) for r in self.popular_rows(k)]
+        scores = self.score_user(user_id)
+        assert scores is not None
+        scores = scores.astype(np.float32)
+        scores[~self.live_items()] = -np.inf
+        seen = np.fromiter(self._seen[row], dtype=np.int64, count=len(self._seen[row]))
+        scores[seen] = -np.inf
+        kk = min(k, int(np.isfinite(scores).sum()))
+        if kk <= 0:
+            return []
+        top = np.argpartition(-scores, kk - 1)[:kk]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return [(self._items.ids[r], float(scores[r])) for r in top]
+
+    # ---------------------------------------------------------------- state
+    def state(self) -> ModelState:
+        """A consistent CPU numpy copy of everything (see :class:`ModelState`)."""
+        nu, ni = self.n_users, self.n_items
+        cpu = lambda t: t.detach().to("cpu").numpy().copy()  # noqa: E731
+        indptr = np.zeros(nu + 1, dtype=np.int64)
+        seen_lists = [np.fromiter(sorted(s), dtype=np.int64, count=len(s)) for s in self._seen[:nu]]
+        if nu:
+            indptr[1:] = np.cumsum([len(s) for s in seen_lists])
+        seen_items = np.concatenate(seen_lists) if seen_lists else np.zeros(0, dtype=np.int64)
+        k = self._rp_n
+        pu = self._users.pending
+        pi = self._items.pending
+        tables: dict[str, np.ndarray] = {
+            "user.vec": cpu(self._U[:nu]),
+            "user.acc": cpu(self._U_acc[:nu]),
+            "user.hist": self._hist[:nu].copy(),
+            "user.last_ts": self._u_last[:nu].copy(),
+            "user.events": self._u_events[:nu].copy(),
+            "item.vectors": cpu(self._item_vectors()),
+            "item.in": cpu(self._Ein[:ni]),
+            "item.out": cpu(self._Eout[:ni]),
+            "item.bias": cpu(self._B[:ni]),
+            "item.acc_in": cpu(self._acc_in[:ni]),
+            "item.acc_out": cpu(self._acc_out[:ni]),
+            "item.acc_bias": cpu(self._acc_b[:ni]),
+            "item.pop_log": self._pop[:ni].copy(),
+            "item.last_ts": self._i_last[:ni].copy(),
+            "item.events": self._i_events[:ni].copy(),
+            "global.pos_w": cpu(self._pos_w),
+            "global.pos_acc": cpu(self._pos_acc),
+            "global.step": np.array([self._step], dtype=np.int64),
+            "global.t_ref": np.array([-1 if self._t_ref is None else self._t_ref], dtype=np.int64),
+            "global.watermark": np.array(
+                [-1 if self._watermark is None else self._watermark], dtype=np.int64),
+            "global.seen_indptr": indptr,
+            "global.seen_items": seen_items,
+            "global.replay_user": self._rp_u[:k].copy(),
+            "global.replay_item": self._rp_i[:k].copy(),
+            "global.replay_weight": self._rp_w[:k].copy(),
+            "global.replay_hist": self._rp_h[:k].copy(),
+            "global.replay_pos": np.array([self._rp_pos], dtype=np.int64),
+            "global.free_users": np.asarray(self._users.free, dtype=np.int64),
+            "global.free_items": np.asarray(self._items.free, dtype=np.int64),
+            "global.pending_user_ids": np.asarray(list(pu.keys()), dtype=str),
+            "global.pending_user_counts": np.asarray(list(pu.values()), dtype=np.int64),
+            "global.pending_item_ids": np.asarray(list(pi.keys()), dtype=str),
+            "global.pending_item_counts": np.asarray(list(pi.values()), dtype=np.int64),
+        }
+        return ModelState(config=self.cfg.model_dump(), user_ids=list(self._users.ids),
+                          item_ids=list(self._items.ids), tables=tables)
+
+    @classmethod
+    def from_state(cls, state: ModelState, device: str = "auto") -> "StreamingModel":
+        """Exact restore: learning continues as if never interrupted (bitwise on CPU)."""
+        m = cls(ModelConfig(**state.config), device=device)
+        t = state.tables
+        nu, ni = len(state.user_ids), len(state.item_ids)
+        m._grow_users(nu)
+        m._grow_items(ni)
+        dev = m.device
+
+        def put(dst: torch.Tensor, src: np.ndarray) -> None:
+            dst[: len(src)] = torch.from_numpy(np.ascontiguousarray(src)).to(dev)
+
+        put(m._U, t["user.vec"])
+        put(m._U_acc, t["user.acc"])
+        m._hist[:nu] = t["user.hist"]
+        m._u_last[:nu] = t["user.last_ts"]
+        m._u_events[:nu] = t["user.events"]
+        put(m._Ein, t["item.in"])
+        put(m._Eout, t["item.out"])
+        put(m._B, t["item.bias"])
+        put(m._acc_in, t["item.acc_in"])
+        put(m._acc_out, t["item.acc_out"])
+        put(m._acc_b, t["item.acc_bias"])
+        m._pop[:ni] = t["item.pop_log"]
+        m._i_last[:ni] = t["item.last_ts"]
+        m._i_events[:ni] = t["item.events"]
+        m._pos_w = torch.from_numpy(t["global.pos_w"].copy()).to(dev)
+        m._pos_acc = torch.from_numpy(t["global.pos_acc"].copy()).to(dev)
+        m._step = int(t["global.step"][0])
+        tr, wm = int(t["global.t_ref"][0]), int(t["global.watermark"][0])
+        m._t_ref = None if tr < 0 and wm < 0 else tr
+        m._watermark = None if wm < 0 and tr < 0 else wm
+        ptr, items = t["global.seen_indptr"], t["global.seen_items"]
+        m._seen = [set(items[ptr[r]:ptr[r + 1]].tolist()) for r in range(nu)]
+        for ids, names in ((m._users, state.user_ids), (m._items, state.item_ids)):
+            ids.ids = list(names)
+            ids.index = {x: r for r, x in enumerate(names) if x}
+        m._users.free = t["global.free_users"].tolist()
+        m._items.free = t["global.free_items"].tolist()
+        m._users.pending = dict(zip(t["global.pending_user_ids"].tolist(),
+                                    t["global.pending_user_counts"].tolist()))
+        m._items.pending = dict(zip(t["global.pending_item_ids"].tolist(),
+                                    t["global.pending_item_counts"].tolist()))
+        k = len(t["global.replay_user"])
+        if k and m.cfg.replay:
+            m._rp_u[:k] = t["global.replay_user"]
+            m._rp_i[:k] = t["global.replay_item"]
+            m._rp_w[:k] = t["global.replay_weight"]
+            m._rp_h[:k] = t["global.replay_hist"]
+        m._rp_n = k
+        m._rp_pos = int(t["global.replay_pos"][0])
+        return m
+
+
+def _adagrad_rows(table: torch.Tensor, acc: torch.Tensor, rows: torch.Tensor,
+                  value: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
+    """Row-wise Adagrad on the unique ``rows`` (R,) of ``table`` (cap, D)."""
+    a = acc[rows] + grad.pow(2).mean(dim=1)
+    acc[rows] = a
+    table[rows] = value.detach() - lr * grad / (a.sqrt()[:, None] + 1e-8)
+
+
+def _grow_t(t: torch.Tensor, cap: int) -> torch.Tensor:
+    out = torch.zeros((cap,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+    out[: t.shape[0]] = t
+    return out
+
+
+def _grow_np(a: np.ndarray, cap: int, fill: Any) -> np.ndarray:
+    out = np.full((cap,) + a.shape[1:], fill, dtype=a.dtype)
+    out[: a.shape[0]] = a
+    return out
