@@ -1,0 +1,5 @@
+import sys
+
+from stream_rec.cli import main
+
+sys.exit(main())

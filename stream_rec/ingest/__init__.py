@@ -1,0 +1,1 @@
+"""Kafka in and out: client construction, topics, micro-batches, dead letters."""

@@ -1,0 +1,77 @@
+"""Thin kafka-python wrappers: one place that knows how our clients are configured."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
+
+from stream_rec.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class BrokerUnavailable(RuntimeError):
+    """No broker answered at the configured bootstrap address."""
+
+
+def make_producer(cfg: KafkaSettings, **overrides: Any) -> KafkaProducer:
+    """A producer that waits for all replicas and batches briefly (5 ms)."""
+    kw: dict[str, Any] = {"acks": "all", "linger_ms": 5, "retries": 5,
+                          "max_request_size": 4 * 1024 * 1024}
+    kw.update(overrides)
+    return _connect(cfg, KafkaProducer, kw)
+
+
+def make_consumer(cfg: KafkaSettings, group_id: str | None, **overrides: Any) -> KafkaConsumer:
+    """A consumer with manual commits: offsets follow durable snapshots, never a timer."""
+    kw: dict[str, Any] = {
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "session_timeout_ms": cfg.session_timeout_ms,
+        "heartbeat_interval_ms": cfg.heartbeat_interval_ms,
+        "max_poll_interval_ms": cfg.max_poll_interval_ms,
+        "fetch_max_wait_ms": 50,
+        "max_partition_fetch_bytes": 4 * 1024 * 1024,
+    }
+    kw.update(overrides)
+    return _connect(cfg, KafkaConsumer, kw)
+
+
+def make_admin(cfg: KafkaSettings) -> KafkaAdminClient:
+    return _connect(cfg, KafkaAdminClient, {})
+
+
+def _connect(cfg: KafkaSettings, factory: Callable[..., T], kw: dict[str, Any]) -> T:
+    """Build a client, turning "nobody answers" into :class:`BrokerUnavailable`."""
+    try:
+        return factory(**cfg.client_kwargs(), **kw)
+    except KafkaTimeoutError as exc:
+        raise BrokerUnavailable(
+            f"no Kafka broker answers at {cfg.bootstrap} "
+            f"(waited {cfg.bootstrap_timeout_ms / 1000:.0f} s)") from exc
+
+
+def ensure_topics(cfg: KafkaSettings, topics: list[str], partitions: int = 4) -> None:
+    """Create ``topics`` if missing (replication 1 suits the local broker)."""
+    admin = make_admin(cfg)
+    try:
+        existing = set(admin.list_topics())
+        missing = [NewTopic(t, partitions, 1) for t in topics if t not in existing]
+        if missing:
+            try:
+                admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass
+            except KafkaError as exc:  # a racing creator is fine, anything else is not
+                if "TopicAlreadyExists" not in repr(exc):
+                    raise
+            log.info("created topics %s", [t.name for t in missing])
+    finally:
+        admin.close()

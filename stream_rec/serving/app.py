@@ -1,0 +1,108 @@
+"""HTTP serving: ``/recommend``, ``/similar``, health, readiness and metrics.
+
+Each handler reads :attr:`SnapshotWatcher.current` once and answers entirely
+from that state, so a swap in the middle of a request cannot mix versions.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from stream_rec.metrics import ServingMetrics
+from stream_rec.serving.state import ServingState, SnapshotWatcher
+from stream_rec.settings import ServeSettings
+from stream_rec.snapshot import SnapshotStore
+
+log = logging.getLogger(__name__)
+
+IdParam = Annotated[str, Path(min_length=1, max_length=256)]
+
+
+def create_app(store: SnapshotStore, cfg: ServeSettings | None = None,
+               metrics: ServingMetrics | None = None, watch: bool = True) -> FastAPI:
+    """The serving application over ``store``; ``watch=False`` leaves polling to the caller."""
+    cfg = cfg or ServeSettings()
+    metrics = metrics or ServingMetrics()
+    watcher = SnapshotWatcher(store, cfg.poll_interval_ms / 1000.0, metrics)
+    KParam = Annotated[int, Query(ge=1, le=cfg.max_k, description="number of items")]
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if watch:
+            watcher.start()
+        yield
+        watcher.stop()
+
+    app = FastAPI(title="stream-rec", version="0.1.0", lifespan=lifespan)
+    app.state.watcher = watcher
+    app.state.metrics = metrics
+
+    def ready() -> ServingState:
+        current = watcher.current
+        if current is None:
+            raise HTTPException(503, "no snapshot loaded yet")
+        return current
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next: Callable[..., Any]) -> Any:
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "other")
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+        return response
+
+    @app.get("/recommend/{user_id}")
+    def recommend(user_id: IdParam, k: KParam = cfg.default_k) -> dict[str, Any]:
+        """Top-k unseen items for a user; unknown users get recently popular items."""
+        current = ready()
+        rec = current.recommend(user_id, k)
+        return {"user_id": user_id, **current.meta(), "fallback": rec.fallback,
+                "items": [{"item_id": i, "score": s} for i, s in rec.items]}
+
+    @app.get("/similar/{item_id}")
+    def similar(item_id: IdParam, k: KParam = cfg.default_k) -> dict[str, Any]:
+        """Items nearest to an item in the embedding space."""
+        current = ready()
+        hits = current.similar(item_id, k)
+        if hits is None:
+            raise HTTPException(404, f"unknown item {item_id!r}")
+        return {"item_id": item_id, **current.meta(),
+                "items": [{"item_id": i, "score": s} for i, s in hits]}
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        current = watcher.current
+        if current is None:
+            return JSONResponse({"ready": False, "reason": "no snapshot loaded yet"}, 503)
+        m = current.manifest
+        return JSONResponse({"ready": True, **current.meta(), "created_at": m.created_at,
+                             "offsets": m.offsets, "counts": m.counts})
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def serve(store: SnapshotStore, cfg: ServeSettings) -> None:
+    """Run the server in the foreground until SIGTERM or Ctrl+C."""
+    import uvicorn
+
+    app = create_app(store, cfg)
+    log.info("serving on http://%s:%d from %s", cfg.host, cfg.port, store.url)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)

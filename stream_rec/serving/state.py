@@ -1,0 +1,130 @@
+"""What a serving process answers from, and how it is swapped without blocking.
+
+A :class:`ServingState` is immutable once built: a verified snapshot plus the
+FAISS index over its item vectors. :class:`SnapshotWatcher` polls the store,
+builds the next state off the request path and swaps it in by replacing one
+reference, so requests in flight finish on the version they started with.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from stream_rec.index import ItemIndex
+from stream_rec.snapshot import CorruptSnapshot, Snapshot, SnapshotStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    items: list[tuple[str, float]]
+    fallback: bool
+
+
+class ServingState:
+    """One snapshot, indexed and ready for queries."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self.manifest = snapshot.manifest
+        self.state = snapshot.state
+        ids = np.asarray(self.state.item_ids, dtype=object)
+        dead = np.flatnonzero(ids == "") if len(ids) else None
+        self.index = ItemIndex.build(self.state.tables["item.vectors"], dead)
+        self.loaded_at = time.time()
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    def meta(self) -> dict[str, Any]:
+        return {"version": self.manifest.version, "watermark": self.manifest.watermark}
+
+    def recommend(self, user_id: str, k: int) -> Recommendation:
+        """Top-``k`` unseen items for ``user_id``; recently popular items if unknown."""
+        row = self.state.user_row(user_id)
+        if row is None:
+            return Recommendation(self.popular(k), fallback=True)
+        query = self.state.query(np.array([row], dtype=np.int64))
+        hits = self.index.search(query, k, [np.asarray(self.state.seen(row), dtype=np.int64)])[0]
+        items = [(self.state.item_ids[r], s) for r, s in hits]
+        return Recommendation(items, fallback=False)
+
+    def popular(self, k: int) -> list[tuple[str, float]]:
+        rows = self.state.popular(k)
+        n = len(rows)
+        return [(self.state.item_ids[int(r)], float(n - i) / max(n, 1))
+                for i, r in enumerate(rows)]
+
+    def similar(self, item_id: str, k: int) -> list[tuple[str, float]] | None:
+        """Items closest to ``item_id`` by inner product; ``None`` if unknown."""
+        row = self.state.item_row(item_id)
+        if row is None:
+            return None
+        vec = self.state.tables["item.vectors"][row:row + 1]
+        hits = self.index.search(vec, k, [np.array([row], dtype=np.int64)])[0]
+        return [(self.state.item_ids[r], s) for r, s in hits]
+
+
+class SnapshotWatcher:
+    """Polls a store and hot-swaps newer verified versions into :attr:`current`."""
+
+    def __init__(self, store: SnapshotStore, poll_interval_s: float = 0.1,
+                 metrics: Any | None = None) -> None:
+        self.store = store
+        self.poll_interval_s = poll_interval_s
+        self.metrics = metrics
+        self.current: ServingState | None = None
+        self._refused: set[int] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def poll_once(self) -> bool:
+        """Load the newest version if it is new and valid; ``True`` if a swap happened."""
+        target = self.store.latest_version()
+        have = self.current.version if self.current else None
+        if target is None or target == have or target in self._refused:
+            return False
+        t0 = time.perf_counter()
+        try:
+            snapshot = self.store.load(target)
+        except (CorruptSnapshot, OSError, ValueError) as exc:
+            self._refused.add(target)
+            log.error("refusing snapshot version %s: %s (still serving %s)", target, exc, have)
+            if self.metrics:
+                self.metrics.refused.inc()
+            return False
+        if snapshot is None:
+            return False
+        new_state = ServingState(snapshot)
+        self.current = new_state  # the swap: one reference, atomic under the GIL
+        if self.metrics:
+            self.metrics.observe_swap(new_state, time.perf_counter() - t0)
+        log.info("serving version %d (watermark %s)", new_state.version,
+                 new_state.manifest.watermark)
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll_once()
+            except Exception:  # never let the watcher die: keep serving what we have
+                log.exception("snapshot poll failed")
+            self._stop.wait(self.poll_interval_s)
+
+    def start(self) -> SnapshotWatcher:
+        self._thread = threading.Thread(target=self._run, name="snapshot-watcher", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)

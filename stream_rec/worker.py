@@ -1,0 +1,224 @@
+"""``stream-rec worker``: consume micro-batches, learn, publish versions, then commit.
+
+The published snapshot is the checkpoint. Its manifest carries the next offset
+of every partition whose events it includes; offsets are committed to Kafka
+only after that version is durable, and on start the worker restores the
+newest valid version and seeks every assigned partition to the offsets it
+records (partitions it does not record start from the beginning). A crash at
+any instant therefore loses nothing and applies nothing twice relative to the
+restored state.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from stream_rec.events import Decoded, decode_batch
+from stream_rec.ingest.dlq import DeadLetterWriter
+from stream_rec.ingest.kafka import ensure_topics, make_consumer, make_producer
+from stream_rec.metrics import WorkerMetrics, dead_letter_reason_label
+from stream_rec.model import StreamingModel
+from stream_rec.settings import Settings
+from stream_rec.snapshot import SnapshotStore
+
+log = logging.getLogger(__name__)
+
+FIRST_RECORD_WAIT_MS = 500
+
+
+class _SeekToSnapshot(ConsumerRebalanceListener):
+    """On assignment, position each partition where the restored snapshot left it."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
+
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        consumer = self.worker.consumer
+        fresh = []
+        for tp in assigned:
+            offset = self.worker.offsets.get(tp.partition)
+            if offset is None:
+                fresh.append(tp)
+            else:
+                consumer.seek(tp, offset)
+        if fresh:
+            consumer.seek_to_beginning(*fresh)
+        log.info("partitions assigned: %s (from snapshot offsets %s)",
+                 sorted(tp.partition for tp in assigned), self.worker.offsets)
+
+
+class Worker:
+    """One consumer, one model, one snapshot store."""
+
+    def __init__(self, settings: Settings, store: SnapshotStore | None = None,
+                 metrics: WorkerMetrics | None = None,
+                 on_publish: Callable[[int], None] | None = None) -> None:
+        self.settings = settings
+        self.kafka = settings.kafka
+        self.store = store or SnapshotStore(settings.store.path, settings.store.keep_versions)
+        self.metrics = metrics or WorkerMetrics()
+        self.on_publish = on_publish
+        self.stop_requested = threading.Event()
+        self.offsets: dict[int, int] = {}
+        self.watermark: int | None = None
+        self.version: int | None = None
+        self.dirty = False
+        self.consumer: Any = None
+        self.model: StreamingModel | None = None
+
+    # -- lifecycle -------------------------------------------------------
+    def restore(self) -> StreamingModel:
+        snapshot = self.store.load_latest_valid()
+        device = self.settings.worker.device
+        if snapshot is None:
+            log.info("no snapshot in %s: starting from an empty model", self.store.url)
+            return StreamingModel(self.settings.model, device=device)
+        m = snapshot.manifest
+        self.offsets = dict(m.offsets.get(self.kafka.topic, {}))
+        self.watermark = m.watermark
+        self.version = m.version
+        log.info("restored version %d: %s events, offsets %s", m.version,
+                 m.counts.get("events"), self.offsets)
+        return StreamingModel.from_state(snapshot.state, device=device)
+
+    def request_stop(self, *_: object) -> None:
+        if self.stop_requested.is_set():
+            log.warning("second stop request: exiting now")
+            raise SystemExit(130)
+        log.info("stop requested: finishing the batch in hand, publishing, committing")
+        self.stop_requested.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    def run(self) -> int:
+        """Consume until asked to stop; returns the process exit code."""
+        wcfg = self.settings.worker
+        self.model = self.restore()
+        ensure_topics(self.kafka, [self.kafka.topic, self.kafka.dlq_topic])
+        self.consumer = make_consumer(self.kafka, self.kafka.group_id)
+        dlq = DeadLetterWriter(make_producer(self.kafka), self.kafka.dlq_topic)
+        self.consumer.subscribe([self.kafka.topic], listener=_SeekToSnapshot(self))
+        last_publish = time.monotonic()
+        try:
+            while not self.stop_requested.is_set():
+                records = self.poll_batch(wcfg.batch_max_events, wcfg.batch_max_ms)
+                if records:
+                    self.apply(records, dlq)
+                due = time.monotonic() - last_publish >= wcfg.publish_interval_ms / 1000.0
+                if self.dirty and due:
+                    self.checkpoint(dlq)
+                    last_publish = time.monotonic()
+            if self.dirty:
+                self.checkpoint(dlq)
+        finally:
+            self.consumer.close(autocommit=False)
+            dlq.close()
+        log.info("worker stopped at version %s, offsets %s", self.version, self.offsets)
+        return 0
+
+    # -- the loop's steps ------------------------------------------------
+    def poll_batch(self, max_events: int, max_ms: int) -> list[Any]:
+        """Records up to ``max_events``, waiting at most ``max_ms`` after the first arrives."""
+        records: list[Any] = []
+        deadline: float | None = None
+        while len(records) < max_events and not self.stop_requested.is_set():
+            if deadline is None:
+                timeout = FIRST_RECORD_WAIT_MS
+            else:
+                timeout = int((deadline - time.monotonic()) * 1000)
+                if timeout <= 0:
+                    break
+            got = self.consumer.poll(timeout_ms=timeout, max_records=max_events - len(records))
+            self.metrics.polled()
+            for recs in got.values():
+                records.extend(recs)
+            if records and deadline is None:
+                deadline = time.monotonic() + max_ms / 1000.0
+            if not got and deadline is None:
+                break
+        return records
+
+    def apply(self, records: list[Any], dlq: DeadLetterWriter) -> None:
+        """Decode, dead-letter the bad, learn the good, advance the offsets."""
+        t0 = time.perf_counter()
+        oks, errs = decode_batch(records)
+        for err in errs:
+            dlq.send(err)
+            self.metrics.dead_letters.labels(dead_letter_reason_label(err.reason)).inc()
+        if oks:
+            self.learn(oks)
+        for rec in records:
+            if rec.offset + 1 > self.offsets.get(rec.partition, -1):
+                self.offsets[rec.partition] = rec.offset + 1
+        self.dirty = True
+        self.metrics.batches.inc()
+        self.metrics.batch_seconds.observe(time.perf_counter() - t0)
+
+    def learn(self, oks: list[Decoded]) -> None:
+        assert self.model is not None
+        users = [d.event.user_id for d in oks]
+        items = [d.event.item_id for d in oks]
+        ts = np.fromiter((d.event.ts for d in oks), dtype=np.int64, count=len(oks))
+        weights = np.fromiter((d.event.weight for d in oks), dtype=np.float32, count=len(oks))
+        self.model.learn(users, items, ts, weights)
+        top = int(ts.max())
+        self.watermark = top if self.watermark is None else max(self.watermark, top)
+        self.metrics.events.inc(len(oks))
+        self.metrics.watermark.set(self.watermark)
+
+    def checkpoint(self, dlq: DeadLetterWriter) -> None:
+        """Publish a version, then commit the offsets it includes."""
+        assert self.model is not None
+        t0 = time.perf_counter()
+        dlq.flush()  # dead letters are durable before their offsets are
+        state = self.model.state()
+        manifest = self.store.publish(
+            state, offsets={self.kafka.topic: dict(self.offsets)}, watermark=self.watermark,
+            parent=self.version)
+        self.version = manifest.version
+        self.dirty = False
+        self.metrics.publishes.inc()
+        self.metrics.publish_seconds.observe(time.perf_counter() - t0)
+        self.metrics.version.set(manifest.version)
+        self.metrics.users.set(manifest.counts["users"])
+        self.metrics.items.set(manifest.counts["items"])
+        log.debug("published version %d (%s events, watermark %s)", manifest.version,
+                  manifest.counts.get("events"), self.watermark)
+        if self.on_publish:
+            self.on_publish(manifest.version)
+        self.commit()
+
+    def commit(self) -> None:
+        offsets = {TopicPartition(self.kafka.topic, p): OffsetAndMetadata(o, "", -1)
+                   for p, o in self.offsets.items()}
+        try:
+            self.consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as exc:
+            # The snapshot already holds these offsets; a failed commit only
+            # means a restart will seek from the snapshot instead.
+            log.warning("offset commit failed (the snapshot keeps them): %s", exc)
+
+
+def run_worker(settings: Settings) -> int:
+    worker = Worker(settings)
+    worker.install_signal_handlers()
+    if settings.worker.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.worker.metrics_port, registry=worker.metrics.registry)
+    return worker.run()
