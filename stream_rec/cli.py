@@ -182,7 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = getattr(args, "log_level", None) or "INFO"
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kafka").setLevel(logging.WARNING)
+    for noisy in ("kafka", "httpx", "faiss"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from stream_rec.ingest.kafka import BrokerUnavailable
 
     try:

@@ -4,7 +4,6 @@ Each handler reads :attr:`SnapshotWatcher.current` once and answers entirely
 from that state, so a swap in the middle of a request cannot mix versions.
 """
 
-from __future__ import annotations
 
 import logging
 import time

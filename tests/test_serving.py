@@ -1,0 +1,108 @@
+"""Serving: answers, fallbacks, 4xx on bad input, readiness, and swaps without mixing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from stream_rec.index import ItemIndex
+from stream_rec.serving.app import create_app
+from stream_rec.snapshot import SnapshotStore
+from tests.test_snapshot_store import trained_state
+
+
+@pytest.fixture
+def served(tmp_path: Path):
+    store = SnapshotStore(tmp_path / "store")
+    app = create_app(store, watch=False)
+    with TestClient(app) as client:
+        yield store, app.state.watcher, client
+
+
+def test_not_ready_until_a_snapshot_is_loaded(served) -> None:
+    store, watcher, client = served
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 503
+    assert client.get("/recommend/u1").status_code == 503
+    store.publish(trained_state(), offsets={"t": {0: 600}}, watermark=77)
+    assert watcher.poll_once()
+    body = client.get("/readyz").json()
+    assert body["version"] == 1 and body["watermark"] == 77
+
+
+def test_recommend_excludes_seen_and_names_the_version(served) -> None:
+    store, watcher, client = served
+    state = trained_state()
+    store.publish(state, offsets={}, watermark=5)
+    watcher.poll_once()
+    user = state.user_ids[0]
+    body = client.get(f"/recommend/{user}", params={"k": 7}).json()
+    assert body["version"] == 1 and body["watermark"] == 5 and not body["fallback"]
+    items = [i["item_id"] for i in body["items"]]
+    assert len(items) == 7 == len(set(items))
+    seen = {state.item_ids[r] for r in state.seen(state.user_row(user))}
+    assert not seen & set(items)
+    assert items == [i for i, _ in state.recommend(user, 7)]
+
+
+def test_unknown_user_gets_popular_items_and_unknown_item_404(served) -> None:
+    store, watcher, client = served
+    store.publish(trained_state(), offsets={}, watermark=5)
+    watcher.poll_once()
+    body = client.get("/recommend/nobody-here", params={"k": 3}).json()
+    assert body["fallback"] and len(body["items"]) == 3
+    assert client.get("/similar/no-such-item").status_code == 404
+    assert client.get("/similar/i1", params={"k": 4}).status_code == 200
+
+
+@pytest.mark.parametrize("url", ["/recommend/u1?k=0", "/recommend/u1?k=abc",
+                                 "/recommend/u1?k=100000", "/similar/i1?k=-1",
+                                 "/recommend/" + "x" * 300])
+def test_bad_parameters_get_4xx(served, url: str) -> None:
+    store, watcher, client = served
+    store.publish(trained_state(), offsets={}, watermark=5)
+    watcher.poll_once()
+    r = client.get(url)
+    assert 400 <= r.status_code < 500, r.text
+
+
+def test_a_corrupt_newer_version_is_refused_and_serving_continues(served) -> None:
+    store, watcher, client = served
+    store.publish(trained_state(), offsets={}, watermark=1)
+    watcher.poll_once()
+    store.publish(trained_state(seed=1), offsets={}, watermark=2)
+    victim = Path(store.version_dir(2)) / "item.vectors.npy"
+    victim.write_bytes(victim.read_bytes()[:-3])
+    assert not watcher.poll_once()
+    assert client.get("/readyz").json()["version"] == 1
+    assert "stream_rec_snapshot_refused_total 1.0" in client.get("/metrics").text
+
+
+def test_requests_in_flight_keep_their_version(served) -> None:
+    store, watcher, _client = served
+    store.publish(trained_state(), offsets={}, watermark=1)
+    watcher.poll_once()
+    held = watcher.current
+    store.publish(trained_state(seed=3), offsets={}, watermark=2)
+    watcher.poll_once()
+    assert watcher.current is not held and held.version == 1
+    assert held.recommend(held.state.user_ids[0], 5).items  # the old state still answers
+
+
+def test_index_updates_in_place_and_tombstones() -> None:
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(20, 8)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)  # so a vector is its own best match
+    idx = ItemIndex.build(vecs)
+    q = vecs[3:4] * 10
+    assert idx.search(q, 1)[0][0][0] == 3
+    idx.upsert(np.array([7]), vecs[3:4] * 2)
+    assert idx.search(q, 1)[0][0][0] == 7
+    idx.tombstone(np.array([7]))
+    assert idx.search(q, 1)[0][0][0] == 3
+    idx.upsert(np.array([25]), vecs[3:4] * 3)  # grows
+    assert idx.ntotal == 26 and idx.search(q, 1)[0][0][0] == 25
+    assert 3 not in [r for r, _ in idx.search(q, 5, [np.array([3])])[0]]
