@@ -214,12 +214,12 @@ def _to_arrays(events: Any) -> tuple[list[str], list[str], np.ndarray, np.ndarra
 # ------------------------------------------------------------------------- run
 def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: int = 0,
              batch_size: int = 1000, model_cfg: ModelConfig | None = None,
-             device: str = "auto") -> dict[str, Any]:
+             device: str = "auto", baselines: bool = True) -> dict[str, Any]:
     """Prequential evaluation; returns the JSON result described in the module docstring.
 
     ``events``: iterable of event dicts (``user_id``, ``item_id``, ``ts`` ms,
     optional ``weight``) or the structured array of :func:`datasets.load_ml100k`.
-    The tested sample is every ``sample_every``-th event after warm-up, starting
+    ``baselines=False`` runs the model alone (for ablations). The tested sample is every ``sample_every``-th event after warm-up, starting
     at offset ``seed % sample_every``.
     """
     cfg = model_cfg or ModelConfig()
@@ -230,7 +230,8 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
     if sample_every > 0 and start < n:
         tested[start + (seed % sample_every)::sample_every] = True
     model = StreamingModel(cfg, device=device)
-    baselines: dict[str, _Baseline] = {
+    with_baselines = baselines
+    baselines: dict[str, _Baseline] = {} if not with_baselines else {
         "popularity": PopularityBaseline(),
         "decayed_popularity": DecayedPopularityBaseline(cfg.pop_half_life_ms),
         "cooccurrence": CooccurrenceBaseline(cfg.history),

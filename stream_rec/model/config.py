@@ -23,13 +23,21 @@ class ModelConfig(BaseModel):
     ttl_ms: int = Field(0, ge=0, description="0 = off; else ids idle this long (event time) expire")
 
     # slow path: sampled-softmax gradient steps per micro-batch
-    lr: float = Field(0.1, gt=0, description="row-wise Adagrad learning rate")
+    lr: float = Field(0.03, gt=0, description="row-wise Adagrad learning rate")
+    acc_decay: float = Field(1.0, gt=0, le=1, description="1 = Adagrad; <1 = RMSprop-style decay "
+                             "of the touched rows' squared-gradient sums (keeps adapting)")
     steps: int = Field(2, ge=1, description="gradient steps per micro-batch")
     negatives: int = Field(512, ge=0, description="uniform item negatives per step (plus in-batch)")
     replay: int = Field(2000, ge=0, description="recent events kept for replay")
     replay_per_step: int = Field(500, ge=0, description="replayed events mixed into each step")
     init_std: float = Field(0.05, gt=0)
     l2: float = Field(0.0, ge=0, description="L2 on the gathered rows, per step")
+    recency: float = Field(0.6, gt=0, description="initial weight of history slot h is recency**h")
+    pos_lr_scale: float = Field(0.1, ge=0, description="learning-rate factor of the slot weights")
+    time_buckets_s: list[float] = Field(
+        default_factory=lambda: [1.0, 60.0, 600.0, 3600.0, 86400.0],
+        description="edges (s) of the age of a history item relative to the user's newest one; "
+                    "slot weights are learned per (slot, age bucket); [] = slots only")
     use_user_vector: bool = Field(True, description="add a learned per-user vector to the query")
 
     # fast path: decayed popularity folded into the item vector's extra column

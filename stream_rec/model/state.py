@@ -6,10 +6,11 @@ inner-product index over ``tables["item.vectors"]`` and answers with
 
 Scoring (identical in :class:`~stream_rec.model.StreamingModel`)::
 
-    q_u   = user.vec[u] + sum_h global.pos_w[h] * item.in[user.hist[u, h]]      (D,)
+    q_u   = user.vec[u] + sum_h pos_w[h, age_h] * item.in[user.hist[u, h]]      (D,)
     v_i   = [item.out[i], item.bias[i] + pop_weight * item.pop_log[i]]           (D + 1,)
     score = [q_u, 1] . v_i
 
+``age_h`` buckets ``user.hist_ts[u, 0] - user.hist_ts[u, h]`` by ``time_buckets_s``.
 ``user.hist[u, 0]`` is the user's most recent item (``-1`` = empty slot), so the
 query follows the user's newest clicks as soon as the fast path has seen them.
 """
@@ -41,13 +42,14 @@ class ModelState:
     Tables (``U`` users, ``I`` items, ``D`` = ``config["dim"]``, ``H`` = ``config["history"]``):
 
     - ``user.vec`` (U, D) f32, ``user.hist`` (U, H) i64 item rows newest first (-1 empty),
+      ``user.hist_ts`` (U, H) i64 their event times (ms),
       ``user.last_ts`` (U,) i64 ms, ``user.events`` (U,) i64 events learned,
       ``user.acc`` (U,) f32 Adagrad accumulator.
     - ``item.vectors`` (I, D + 1) f32 FAISS inner-product vectors, ``item.in`` / ``item.out``
       (I, D) f32, ``item.bias`` (I,) f32, ``item.pop_log`` (I,) f64 log decayed event count
       relative to ``global.t_ref``, ``item.last_ts``, ``item.events`` (I,) i64,
       ``item.acc_in`` / ``item.acc_out`` / ``item.acc_bias`` (I,) f32.
-    - ``global.*``: ``pos_w`` / ``pos_acc`` (H,) f32, ``step``, ``t_ref``, ``watermark`` (1,) i64,
+    - ``global.*``: ``pos_w`` / ``pos_acc`` (H, NB) f32 weight per (history slot, age bucket), ``step``, ``t_ref``, ``watermark`` (1,) i64,
       ``seen_indptr`` (U + 1,) / ``seen_items`` i64 (CSR of each user's seen item rows),
       ``replay_user`` / ``replay_item`` / ``replay_weight`` / ``replay_hist`` (recent events),
       ``free_users`` / ``free_items`` i64 (rows free for reuse),
@@ -82,9 +84,14 @@ class ModelState:
         t = self.tables
         item_in = t["item.in"]
         hist = t["user.hist"][rows]                                   # (B, H)
+        hts = t["user.hist_ts"][rows]
+        edges = np.asarray(self.config.get("time_buckets_s", []), dtype=np.float64) * 1000.0
+        bucket = np.searchsorted(edges, hts[:, :1] - hts, side="right")  # (B, H)
         mask = hist >= 0
-        emb = item_in[np.where(mask, hist, 0)] * mask[..., None]      # (B, H, D)
-        q = np.einsum("bhd,h->bd", emb, t["global.pos_w"]).astype(np.float32)
+        pos_w = t["global.pos_w"].reshape(hist.shape[1], -1)           # (H, NB)
+        wts = pos_w[np.arange(hist.shape[1])[None, :], bucket] * mask  # (B, H)
+        emb = item_in[np.where(mask, hist, 0)]                         # (B, H, D)
+        q = np.einsum("bhd,bh->bd", emb, wts).astype(np.float32)
         if self.config.get("use_user_vector", True):
             q = q + t["user.vec"][rows]
         out = np.ones((len(rows), q.shape[1] + 1), dtype=np.float32)

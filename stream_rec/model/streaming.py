@@ -104,9 +104,10 @@ class StreamingModel:
         self._acc_out = torch.zeros(cap_i, **f32)
         self._acc_b = torch.zeros(cap_i, **f32)
         self._pos_w = torch.from_numpy(self._initial_pos_w()).to(self.device)
-        self._pos_acc = torch.zeros(H, **f32)
+        self._pos_acc = torch.zeros(H, self._n_buckets, **f32)
         # fast-path state (host)
         self._hist = np.full((cap_u, H), -1, dtype=np.int64)
+        self._hist_ts = np.zeros((cap_u, H), dtype=np.int64)
         self._u_last = np.zeros(cap_u, dtype=np.int64)
         self._u_events = np.zeros(cap_u, dtype=np.int64)
         self._seen: list[set[int]] = []
@@ -119,6 +120,7 @@ class StreamingModel:
         self._rp_i = np.zeros(R, dtype=np.int64)
         self._rp_w = np.zeros(R, dtype=np.float32)
         self._rp_h = np.full((R, H), -1, dtype=np.int64)
+        self._rp_b = np.zeros((R, H), dtype=np.int64)
         self._rp_n = 0      # filled entries
         self._rp_pos = 0    # next write position
 
@@ -131,10 +133,15 @@ class StreamingModel:
     def n_items(self) -> int:
         return len(self._items.ids)
 
+    @property
+    def _n_buckets(self) -> int:
+        return len(self.cfg.time_buckets_s) + 1
+
     def _initial_pos_w(self) -> np.ndarray:
-        """Start with recency-decayed weights (newest item weighs most)."""
+        """Weights (H, NB) per (slot, age bucket); start recency-decayed, newest weighs most."""
         h = np.arange(self.cfg.history, dtype=np.float32)
-        return (0.8 ** h).astype(np.float32)
+        w = (self.cfg.recency ** h).astype(np.float32)
+        return np.repeat(w[:, None], self._n_buckets, axis=1)
 
     # ----------------------------------------------------------------- growth
     def _grow_users(self, need: int) -> None:
@@ -145,6 +152,7 @@ class StreamingModel:
         self._U = _grow_t(self._U, new)
         self._U_acc = _grow_t(self._U_acc, new)
         self._hist = _grow_np(self._hist, new, -1)
+        self._hist_ts = _grow_np(self._hist_ts, new, 0)
         self._u_last = _grow_np(self._u_last, new, 0)
         self._u_events = _grow_np(self._u_events, new, 0)
 
@@ -182,6 +190,7 @@ class StreamingModel:
         ex_i = np.empty(n, dtype=np.int64)
         ex_w = np.empty(n, dtype=np.float32)
         ex_h = np.empty((n, H), dtype=np.int64)
+        ex_t = np.empty((n, H), dtype=np.int64)
         new_u: list[int] = []
         new_i: list[int] = []
         m = 0
@@ -210,13 +219,17 @@ class StreamingModel:
             if t > wm:
                 wm = t
             hist = self._hist[u]
+            hts = self._hist_ts[u]
             ex_u[m] = u
             ex_i[m] = i
             ex_w[m] = w_in[j]
             ex_h[m] = hist
+            ex_t[m] = hts
             m += 1
             hist[1:] = hist[:-1].copy()
             hist[0] = i
+            hts[1:] = hts[:-1].copy()
+            hts[0] = t
             self._seen[u].add(i)
             self._u_events[u] += 1
             self._i_events[i] += 1
@@ -227,27 +240,35 @@ class StreamingModel:
             self._pop[i] = x if p == -math.inf else max(p, x) + math.log1p(math.exp(-abs(p - x)))
         self._watermark = wm
         ex_u, ex_i, ex_w, ex_h = ex_u[:m], ex_i[:m], ex_w[:m], ex_h[:m]
+        ex_b = self._buckets(ex_t[:m])
         all_items_changed = self._maybe_reanchor()
         self._init_rows(new_u, new_i)
         exp_u, exp_i = self._expire()
         if len(exp_u) or len(exp_i):
             keep = ~(np.isin(ex_u, exp_u) | np.isin(ex_i, exp_i))
             ex_u, ex_i, ex_w, ex_h = ex_u[keep], ex_i[keep], ex_w[keep], ex_h[keep]
+            ex_b = ex_b[keep]
             if len(exp_i):
                 ex_h[np.isin(ex_h, exp_i)] = -1
         ch_u: list[np.ndarray] = [ex_u, exp_u, np.asarray(new_u, dtype=np.int64)]
         ch_i: list[np.ndarray] = [ex_i, exp_i, np.asarray(new_i, dtype=np.int64)]
         if m:
-            tu, ti = self._train(ex_u, ex_i, ex_h, ex_w)
+            tu, ti = self._train(ex_u, ex_i, ex_h, ex_b, ex_w)
             ch_u.append(tu)
             ch_i.append(ti)
-            self._push_replay(ex_u, ex_i, ex_h, ex_w)
+            self._push_replay(ex_u, ex_i, ex_h, ex_b, ex_w)
         self._step += 1
         if all_items_changed:
             ch_i.append(np.arange(self.n_items, dtype=np.int64))
         users_c = np.unique(np.concatenate(ch_u)).astype(np.int64)
         items_c = np.unique(np.concatenate(ch_i)).astype(np.int64)
         return Changed(users=users_c[users_c >= 0], items=items_c[items_c >= 0])
+
+    def _buckets(self, hist_ts: np.ndarray) -> np.ndarray:
+        """Age bucket (B, H) int64 of each history slot relative to the newest slot."""
+        edges = np.asarray(self.cfg.time_buckets_s, dtype=np.float64) * 1000.0
+        age = hist_ts[:, :1] - hist_ts
+        return np.searchsorted(edges, age, side="right").astype(np.int64)
 
     def _maybe_reanchor(self) -> bool:
         """Keep ``pop_log`` small: shift the reference time when it has drifted far."""
@@ -295,6 +316,7 @@ class StreamingModel:
                 self._users.release(r)
                 self._seen[r] = set()
             self._hist[exp_u] = -1
+            self._hist_ts[exp_u] = 0
             self._u_last[exp_u] = 0
             self._u_events[exp_u] = 0
             ru = torch.as_tensor(exp_u, device=self.device)
@@ -323,19 +345,21 @@ class StreamingModel:
         return exp_u, exp_i
 
     # ---------------------------------------------------------------- replay
-    def _push_replay(self, u: np.ndarray, i: np.ndarray, h: np.ndarray, w: np.ndarray) -> None:
+    def _push_replay(self, u: np.ndarray, i: np.ndarray, h: np.ndarray, b: np.ndarray,
+                     w: np.ndarray) -> None:
         R = self.cfg.replay
         if R <= 0:
             return
         if len(u) > R:
-            u, i, h, w = u[-R:], i[-R:], h[-R:], w[-R:]
+            u, i, h, b, w = u[-R:], i[-R:], h[-R:], b[-R:], w[-R:]
         idx = (self._rp_pos + np.arange(len(u))) % R
         self._rp_u[idx], self._rp_i[idx], self._rp_h[idx], self._rp_w[idx] = u, i, h, w
+        self._rp_b[idx] = b
         self._rp_pos = int((self._rp_pos + len(u)) % R)
         self._rp_n = min(R, self._rp_n + len(u))
 
     # ----------------------------------------------------------------- train
-    def _train(self, u: np.ndarray, i: np.ndarray, h: np.ndarray,
+    def _train(self, u: np.ndarray, i: np.ndarray, h: np.ndarray, b: np.ndarray,
                w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Sampled-softmax steps on the batch (N events) plus replay; returns touched rows."""
         c = self.cfg
@@ -346,7 +370,7 @@ class StreamingModel:
         touched_i: list[np.ndarray] = []
         pop = self._pop[:live_items]
         for _ in range(c.steps):
-            bu, bi, bh, bw = u, i, h, w
+            bu, bi, bh, bb, bw = u, i, h, b, w
             k = min(c.replay_per_step, self._rp_n)
             if k > 0:
                 sel = rng.choice(self._rp_n, size=k, replace=False)
@@ -356,27 +380,30 @@ class StreamingModel:
                 bu = np.concatenate([bu, self._rp_u[sel]])
                 bi = np.concatenate([bi, self._rp_i[sel]])
                 bh = np.concatenate([bh, self._rp_h[sel]])
+                bb = np.concatenate([bb, self._rp_b[sel]])
                 bw = np.concatenate([bw, rw[ok]])
             neg = rng.integers(0, live_items, size=c.negatives) if c.negatives else \
                 np.zeros(0, dtype=np.int64)
             if len(neg):
                 neg = neg[np.isfinite(pop[neg])]
-            cand, label = np.unique(np.concatenate([bi, neg]), return_inverse=True)
+            cand, label = _unique_inverse(np.concatenate([bi, neg]), live_items)
             label = label[: len(bi)]
-            uu, u_inv = np.unique(bu, return_inverse=True)
-            flat = bh.reshape(-1)
-            hh, h_inv = np.unique(np.where(flat >= 0, flat, -1), return_inverse=True)
-            # hh may start with -1 (empty slot): map it to a zero row
-            has_pad = len(hh) and hh[0] < 0
-            hrows = hh[1:] if has_pad else hh
-            self._sgd_step(uu, u_inv, hrows, h_inv, has_pad, bh.shape, cand, label, bw, pop)
+            uu, u_inv = _unique_inverse(bu, self.n_users)
+            # history slots: -1 (empty) maps to a zero row 0, item r to r + 1
+            hh, h_inv = _unique_inverse(bh.reshape(-1) + 1, live_items + 1)
+            has_pad = bool(len(hh) and hh[0] == 0)
+            hrows = (hh[1:] if has_pad else hh) - 1
+            slot_w = (np.arange(bh.shape[1])[None, :] * self._n_buckets + bb).reshape(-1)
+            self._sgd_step(uu, u_inv, hrows, h_inv, has_pad, bh.shape, slot_w, cand, label, bw,
+                           pop)
             touched_u.append(uu)
             touched_i.extend([cand, hrows])
         del dev
         return np.concatenate(touched_u), np.concatenate(touched_i)
 
     def _sgd_step(self, uu: np.ndarray, u_inv: np.ndarray, hrows: np.ndarray,
-                  h_inv: np.ndarray, has_pad: bool, hshape: tuple[int, int], cand: np.ndarray,
+                  h_inv: np.ndarray, has_pad: bool, hshape: tuple[int, int],
+                  slot_w: np.ndarray, cand: np.ndarray,
                   label: np.ndarray, bw: np.ndarray, pop: np.ndarray) -> None:
         c = self.cfg
         dev = self.device
@@ -388,13 +415,18 @@ class StreamingModel:
         Eo = self._Eout[t_c].requires_grad_(True)
         Bc = self._B[t_c].requires_grad_(True)
         pw = self._pos_w.clone().requires_grad_(True)
+        # weighted sum of history input embeddings, one bag per event (N, D)
+        N, H = hshape
+        idx = torch.as_tensor(h_inv, device=dev)
+        psw = pw.reshape(-1)[torch.as_tensor(slot_w, device=dev)]              # (N * H,)
         if has_pad:
             Ei_full = torch.cat([torch.zeros(1, Ei.shape[1], device=dev), Ei])
+            psw = psw * (idx > 0).to(torch.float32)
         else:
             Ei_full = Ei
-        hidx = torch.as_tensor(h_inv.reshape(hshape), device=dev)
-        hist_emb = Ei_full[hidx]                                        # (N, H, D)
-        q = torch.einsum("nhd,h->nd", hist_emb, pw)                     # (N, D)
+        offsets = torch.arange(0, N * H, H, device=dev)
+        q = torch.nn.functional.embedding_bag(idx, Ei_full, offsets, mode="sum",
+                                              per_sample_weights=psw)
         if c.use_user_vector:
             q = q + U[torch.as_tensor(u_inv, device=dev)]
         pc = pop[cand]
@@ -409,23 +441,25 @@ class StreamingModel:
         grads = torch.autograd.grad(loss, params)
         lr = c.lr
         with torch.no_grad():
-            _adagrad_rows(self._Ein, self._acc_in, t_hr, Ei, grads[0], lr)
-            _adagrad_rows(self._Eout, self._acc_out, t_c, Eo, grads[1], lr)
-            acc = self._acc_b[t_c] + grads[2].pow(2)
+            _adagrad_rows(self._Ein, self._acc_in, t_hr, Ei, grads[0], lr, c.acc_decay)
+            _adagrad_rows(self._Eout, self._acc_out, t_c, Eo, grads[1], lr, c.acc_decay)
+            acc = c.acc_decay * self._acc_b[t_c] + grads[2].pow(2)
             self._acc_b[t_c] = acc
             self._B[t_c] = Bc.detach() - lr * grads[2] / (acc.sqrt() + 1e-8)
             self._pos_acc += grads[3].pow(2)
-            self._pos_w -= 0.1 * lr * grads[3] / (self._pos_acc.sqrt() + 1e-8)
+            self._pos_w -= c.pos_lr_scale * lr * grads[3] / (self._pos_acc.sqrt() + 1e-8)
             if c.use_user_vector:
-                _adagrad_rows(self._U, self._U_acc, t_uu, U, grads[4], lr)
+                _adagrad_rows(self._U, self._U_acc, t_uu, U, grads[4], lr, c.acc_decay)
 
     # ------------------------------------------------------------- serving
     def _user_query(self, rows: np.ndarray) -> torch.Tensor:
         """Query vectors (B, D + 1) on device from the current fast-path history."""
         hist = torch.as_tensor(self._hist[rows], device=self.device)    # (B, H)
-        mask = (hist >= 0).to(torch.float32)
-        emb = self._Ein[hist.clamp_min(0)] * mask[..., None]
-        q = torch.einsum("bhd,h->bd", emb, self._pos_w)
+        bucket = torch.as_tensor(self._buckets(self._hist_ts[rows]), device=self.device)
+        slots = torch.arange(hist.shape[1], device=self.device)[None, :]
+        wts = self._pos_w[slots.expand_as(bucket), bucket] * (hist >= 0).to(torch.float32)
+        emb = self._Ein[hist.clamp_min(0)]
+        q = torch.einsum("bhd,bh->bd", emb, wts)
         if self.cfg.use_user_vector:
             q = q + self._U[torch.as_tensor(rows, device=self.device)]
         return torch.cat([q, torch.ones(len(rows), 1, device=self.device)], dim=1)
@@ -499,6 +533,7 @@ class StreamingModel:
             "user.vec": cpu(self._U[:nu]),
             "user.acc": cpu(self._U_acc[:nu]),
             "user.hist": self._hist[:nu].copy(),
+            "user.hist_ts": self._hist_ts[:nu].copy(),
             "user.last_ts": self._u_last[:nu].copy(),
             "user.events": self._u_events[:nu].copy(),
             "item.vectors": cpu(self._item_vectors()),
@@ -523,6 +558,7 @@ class StreamingModel:
             "global.replay_item": self._rp_i[:k].copy(),
             "global.replay_weight": self._rp_w[:k].copy(),
             "global.replay_hist": self._rp_h[:k].copy(),
+            "global.replay_bucket": self._rp_b[:k].copy(),
             "global.replay_pos": np.array([self._rp_pos], dtype=np.int64),
             "global.free_users": np.asarray(self._users.free, dtype=np.int64),
             "global.free_items": np.asarray(self._items.free, dtype=np.int64),
@@ -550,6 +586,7 @@ class StreamingModel:
         put(m._U, t["user.vec"])
         put(m._U_acc, t["user.acc"])
         m._hist[:nu] = t["user.hist"]
+        m._hist_ts[:nu] = t["user.hist_ts"]
         m._u_last[:nu] = t["user.last_ts"]
         m._u_events[:nu] = t["user.events"]
         put(m._Ein, t["item.in"])
@@ -584,17 +621,31 @@ class StreamingModel:
             m._rp_i[:k] = t["global.replay_item"]
             m._rp_w[:k] = t["global.replay_weight"]
             m._rp_h[:k] = t["global.replay_hist"]
+            m._rp_b[:k] = t["global.replay_bucket"]
         m._rp_n = k
         m._rp_pos = int(t["global.replay_pos"][0])
         return m
 
 
 def _adagrad_rows(table: torch.Tensor, acc: torch.Tensor, rows: torch.Tensor,
-                  value: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
-    """Row-wise Adagrad on the unique ``rows`` (R,) of ``table`` (cap, D)."""
-    a = acc[rows] + grad.pow(2).mean(dim=1)
+                  value: torch.Tensor, grad: torch.Tensor, lr: float, decay: float) -> None:
+    """Row-wise Adagrad on the unique ``rows`` (R,) of ``table`` (cap, D).
+
+    ``decay`` < 1 shrinks the accumulator of touched rows first, so step sizes
+    stop shrinking for ever -- items keep adapting as tastes drift.
+    """
+    a = decay * acc[rows] + grad.pow(2).mean(dim=1)
     acc[rows] = a
     table[rows] = value.detach() - lr * grad / (a.sqrt()[:, None] + 1e-8)
+
+
+def _unique_inverse(x: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(x, return_inverse=True)`` for ints in [0, n) in O(len(x) + n)."""
+    present = np.zeros(n, dtype=bool)
+    present[x] = True
+    uniq = np.flatnonzero(present)
+    pos = np.cumsum(present) - 1
+    return uniq.astype(np.int64), pos[x].astype(np.int64)
 
 
 def _grow_t(t: torch.Tensor, cap: int) -> torch.Tensor:

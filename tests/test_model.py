@@ -1,0 +1,158 @@
+"""Model contract: learning on planted structure, dynamic ids, state round trips."""
+
+from __future__ import annotations
+
+import itertools
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from stream_rec.datasets import iter_synthetic
+from stream_rec.model import Changed, ModelConfig, ModelState, StreamingModel
+
+SMALL = dict(dim=16, history=10, negatives=64, replay=500, replay_per_step=100)
+
+
+def _events(n: int, **kw):
+    ev = list(itertools.islice(iter_synthetic(n_users=100, n_items=200, **kw), n))
+    users = [e["user_id"] for e in ev]
+    items = [e["item_id"] for e in ev]
+    ts = np.array([e["ts"] for e in ev], dtype=np.int64)
+    return users, items, ts
+
+
+def _feed(model: StreamingModel, users, items, ts, batch: int = 200) -> list[Changed]:
+    out = []
+    for b in range(0, len(users), batch):
+        out.append(model.learn(users[b:b + batch], items[b:b + batch], ts[b:b + batch]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained() -> StreamingModel:
+    torch.manual_seed(0)
+    m = StreamingModel(ModelConfig(**SMALL), device="cpu")
+    _feed(m, *_events(3000))
+    return m
+
+
+def test_events_counted_exactly(trained: StreamingModel) -> None:
+    users, items, _ = _events(3000)
+    st = trained.state()
+    assert st.tables["user.events"].sum() == 3000
+    assert st.tables["item.events"].sum() == 3000
+    for uid in set(users[:50]):
+        assert st.tables["user.events"][st.user_row(uid)] == users.count(uid)
+    for iid in set(items[:50]):
+        assert st.tables["item.events"][st.item_row(iid)] == items.count(iid)
+
+
+def test_faiss_path_matches_in_memory(trained: StreamingModel) -> None:
+    st = trained.state()
+    live = np.flatnonzero([bool(i) for i in st.item_ids])
+    index = faiss.IndexIDMap(faiss.IndexFlatIP(st.tables["item.vectors"].shape[1]))
+    index.add_with_ids(st.tables["item.vectors"][live], live.astype(np.int64))
+    for uid in ["u0", "u1", "u7", "u42", "u99"]:
+        row = st.user_row(uid)
+        assert row is not None
+        seen = st.seen(row)
+        _, ids = index.search(st.query(np.array([row])), 10 + len(seen))
+        faiss_top = [st.item_ids[i] for i in ids[0] if i not in set(seen.tolist())][:10]
+        mem_top = [i for i, _ in trained.recommend(uid, 10)]
+        assert faiss_top == mem_top
+        assert [i for i, _ in st.recommend(uid, 10)] == mem_top
+        assert not set(mem_top) & {st.item_ids[r] for r in seen}
+
+
+def test_unknown_user_gets_popular(trained: StreamingModel) -> None:
+    rec = trained.recommend("nobody", 5)
+    st = trained.state()
+    assert [i for i, _ in rec] == [st.item_ids[r] for r in st.popular(5)]
+    assert [i for i, _ in st.recommend("nobody", 5)] == [i for i, _ in rec]
+
+
+def test_state_round_trip_continues_bitwise() -> None:
+    users, items, ts = _events(2400)
+    cfg = ModelConfig(**SMALL, seed=3)
+    a = StreamingModel(cfg, device="cpu")
+    _feed(a, users[:1200], items[:1200], ts[:1200])
+    b = StreamingModel.from_state(a.state(), device="cpu")
+    _feed(a, users[1200:], items[1200:], ts[1200:])
+    _feed(b, users[1200:], items[1200:], ts[1200:])
+    sa, sb = a.state(), b.state()
+    assert sa.user_ids == sb.user_ids and sa.item_ids == sb.item_ids
+    assert sa.tables.keys() == sb.tables.keys()
+    for k in sa.tables:
+        np.testing.assert_array_equal(sa.tables[k], sb.tables[k], err_msg=k)
+
+
+def test_ids_grow_without_restart() -> None:
+    m = StreamingModel(ModelConfig(dim=8, history=4), device="cpu")
+    n = 0
+    for b in range(5):
+        users = [f"user{b}-{k}" for k in range(40 * (b + 1))]
+        items = [f"item{b}-{k}" for k in range(40 * (b + 1))]
+        ch = m.learn(users, items, np.full(len(users), 1000 + b, dtype=np.int64))
+        n += len(users)
+        assert m.n_users == n and m.n_items == n
+        assert set(ch.users.tolist()) >= {m.user_row(u) for u in users}
+    st = m.state()
+    assert st.tables["item.vectors"].shape == (n, 9)
+    assert st.user_row("user4-0") == n - 200
+    assert np.isfinite(st.tables["item.vectors"]).all()
+
+
+def test_admission_threshold() -> None:
+    m = StreamingModel(ModelConfig(dim=8, history=4, admit_after=3), device="cpu")
+    m.learn(["a", "a", "b"], ["x", "x", "x"], np.array([1, 2, 3]))
+    assert m.user_row("a") is None and m.item_row("x") is not None
+    assert m.state().tables["item.events"].sum() == 0      # nothing learned yet
+    m.learn(["a"], ["x"], np.array([4]))
+    assert m.user_row("a") is not None
+    st = m.state()
+    assert st.tables["user.events"][st.user_row("a")] == 1
+    assert st.tables["item.events"][st.item_row("x")] == 1
+
+
+def test_ttl_expiry_frees_and_reuses_rows() -> None:
+    m = StreamingModel(ModelConfig(dim=8, history=4, ttl_ms=1000), device="cpu")
+    m.learn(["old", "keep"], ["i_old", "i_keep"], np.array([0, 0]))
+    m.learn(["keep"], ["i_keep"], np.array([900]))
+    old_u, old_i = m.user_row("old"), m.item_row("i_old")
+    ch = m.learn(["keep"], ["i_keep"], np.array([1500]))
+    assert old_u in ch.users.tolist() and old_i in ch.items.tolist()
+    st = m.state()
+    assert st.user_ids[old_u] == "" and st.item_ids[old_i] == ""
+    assert not st.tables["item.vectors"][old_i].any()
+    assert not st.tables["user.vec"][old_u].any()
+    assert st.tables["user.events"][old_u] == 0
+    assert old_i not in st.tables["user.hist"][st.user_row("keep")]
+    # freed rows are reused by new ids
+    m.learn(["new"], ["i_new"], np.array([1600]))
+    assert m.user_row("new") == old_u and m.item_row("i_new") == old_i
+    assert m.n_users == 2 and m.n_items == 2
+    assert "i_old" not in [i for i, _ in m.recommend("keep", 5)]
+
+
+def test_state_is_plain_numpy(trained: StreamingModel) -> None:
+    st = trained.state()
+    assert isinstance(st, ModelState)
+    assert all(isinstance(v, np.ndarray) for v in st.tables.values())
+    for name, v in st.tables.items():
+        if name.startswith("user."):
+            assert len(v) == len(st.user_ids), name
+        if name.startswith("item."):
+            assert len(v) == len(st.item_ids), name
+    assert st.tables["item.vectors"].dtype == np.float32
+    assert st.tables["user.events"].dtype == np.int64
+    assert st.query(np.arange(3)).shape == (3, st.tables["item.vectors"].shape[1])
+
+
+def test_click_changes_answer_immediately(trained: StreamingModel) -> None:
+    before = trained.recommend("u3", 10)
+    top = before[0][0]
+    trained.learn(["u3"], [top], np.array([10**13]))
+    after = trained.recommend("u3", 10)
+    assert top not in [i for i, _ in after]
