@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -60,13 +61,33 @@ class _SeekToSnapshot(ConsumerRebalanceListener):
                  sorted(tp.partition for tp in assigned), self.worker.offsets)
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """A bounded run over explicit partitions (replay), instead of following a group.
+
+    ``start`` is where each partition begins when the store has no snapshot yet
+    (a snapshot's offsets win, which makes a bounded run resumable and
+    idempotent); ``stop`` is each partition's end offset, exclusive.
+    """
+
+    start: dict[int, int]
+    stop: dict[int, int]
+
+
 class Worker:
-    """One consumer, one model, one snapshot store."""
+    """One consumer, one model, one snapshot store.
+
+    With ``bounds`` it assigns the partitions itself (no consumer group, no
+    offset commits), applies exactly the records below ``bounds.stop`` and
+    returns once every partition has reached its end.
+    """
 
     def __init__(self, settings: Settings, store: SnapshotStore | None = None,
                  metrics: WorkerMetrics | None = None,
-                 on_publish: Callable[[int], None] | None = None) -> None:
+                 on_publish: Callable[[int], None] | None = None,
+                 bounds: Bounds | None = None) -> None:
         self.settings = settings
+        self.bounds = bounds
         self.kafka = settings.kafka
         self.store = store or SnapshotStore(settings.store.path, settings.store.keep_versions)
         self.metrics = metrics or WorkerMetrics()
@@ -110,12 +131,11 @@ class Worker:
         wcfg = self.settings.worker
         self.model = self.restore()
         ensure_topics(self.kafka, [self.kafka.topic, self.kafka.dlq_topic])
-        self.consumer = make_consumer(self.kafka, self.kafka.group_id)
         dlq = DeadLetterWriter(make_producer(self.kafka), self.kafka.dlq_topic)
-        self.consumer.subscribe([self.kafka.topic], listener=_SeekToSnapshot(self))
+        self.consumer = self._open_consumer()
         last_publish = time.monotonic()
         try:
-            while not self.stop_requested.is_set():
+            while not self.stop_requested.is_set() and not self.reached_end():
                 records = self.poll_batch(wcfg.batch_max_events, wcfg.batch_max_ms)
                 if records:
                     self.apply(records, dlq)
@@ -130,6 +150,25 @@ class Worker:
             dlq.close()
         log.info("worker stopped at version %s, offsets %s", self.version, self.offsets)
         return 0
+
+    def _open_consumer(self) -> Any:
+        if self.bounds is None:
+            consumer = make_consumer(self.kafka, self.kafka.group_id)
+            consumer.subscribe([self.kafka.topic], listener=_SeekToSnapshot(self))
+            return consumer
+        consumer = make_consumer(self.kafka, None)
+        parts = [TopicPartition(self.kafka.topic, p) for p in sorted(self.bounds.stop)]
+        consumer.assign(parts)
+        for tp in parts:
+            consumer.seek(tp, self.offsets.get(tp.partition, self.bounds.start.get(tp.partition, 0)))
+        return consumer
+
+    def reached_end(self) -> bool:
+        """For a bounded run: has every partition reached its stop offset?"""
+        if self.bounds is None:
+            return False
+        return all(self.offsets.get(p, self.bounds.start.get(p, 0)) >= end
+                   for p, end in self.bounds.stop.items())
 
     # -- the loop's steps ------------------------------------------------
     def poll_batch(self, max_events: int, max_ms: int) -> list[Any]:
@@ -156,6 +195,14 @@ class Worker:
     def apply(self, records: list[Any], dlq: DeadLetterWriter) -> None:
         """Decode, dead-letter the bad, learn the good, advance the offsets."""
         t0 = time.perf_counter()
+        if self.bounds is not None:
+            stop = self.bounds.stop
+            records = [r for r in records if r.offset < stop.get(r.partition, 0)]
+            for p, end in stop.items():  # a partition whose range is done stays done
+                if self.consumer.position(TopicPartition(self.kafka.topic, p)) >= end:
+                    self.offsets[p] = max(self.offsets.get(p, 0), end)
+            if not records:
+                return
         oks, errs = decode_batch(records)
         for err in errs:
             dlq.send(err)
@@ -204,6 +251,8 @@ class Worker:
         self.commit()
 
     def commit(self) -> None:
+        if self.bounds is not None:
+            return  # a bounded run has no group: its snapshot alone records progress
         offsets = {TopicPartition(self.kafka.topic, p): OffsetAndMetadata(o, "", -1)
                    for p, o in self.offsets.items()}
         try:

@@ -87,8 +87,12 @@ class SnapshotWatcher:
         self._thread: threading.Thread | None = None
 
     def poll_once(self) -> bool:
-        """Load the newest version if it is new and valid; ``True`` if a swap happened."""
-        target = self.store.latest_version()
+        """Load the version to serve (pinned, else latest) if it is new and valid.
+
+        Returns ``True`` when a swap happened. A pin to an older version swaps
+        back to it; unpinning returns to the latest.
+        """
+        target = self.store.serving_version()
         have = self.current.version if self.current else None
         if target is None or target == have or target in self._refused:
             return False

@@ -135,6 +135,29 @@ class SnapshotStore:
             log.warning("LATEST pointer is unreadable: %r", raw[:40])
             return None
 
+    def pinned(self) -> int | None:
+        """The version serving is pinned to, if an operator pinned one."""
+        try:
+            return int(self.fs.cat_file(self._join("PIN")).strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def serving_version(self) -> int | None:
+        """What readers should serve: the pinned version, else the latest."""
+        pin = self.pinned()
+        return pin if pin is not None else self.latest_version()
+
+    def pin(self, version: int) -> None:
+        """Pin readers to ``version`` (verified first); retention keeps it while pinned."""
+        self.load(version)  # raises CorruptSnapshot / FileNotFoundError if unusable
+        self._write_pointer("PIN", version)
+
+    def unpin(self) -> None:
+        try:
+            self.fs.rm(self._join("PIN"))
+        except FileNotFoundError:
+            pass
+
     def read_manifest(self, version: int) -> Manifest:
         path = self.version_dir(version) + "/manifest.json"
         try:
@@ -244,24 +267,28 @@ class SnapshotStore:
         _fsync_dir(os.path.dirname(final))
 
     def _set_latest(self, version: int) -> None:
+        self._write_pointer("LATEST", version)
+
+    def _write_pointer(self, name: str, version: int) -> None:
+        """Atomically replace the small pointer file ``name`` with ``version``."""
         data = str(version).encode()
         if self.local:
-            tmp = self._join(f".LATEST.{uuid.uuid4().hex[:8]}")
+            tmp = self._join(f".{name}.{uuid.uuid4().hex[:8]}")
             with open(tmp, "wb") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, self._join("LATEST"))
+            os.replace(tmp, self._join(name))
             _fsync_dir(self.root)
         else:
-            self.fs.pipe_file(self._join("LATEST"), data)
+            self.fs.pipe_file(self._join(name), data)
 
     def prune(self, keep: int | None = None) -> list[int]:
-        """Delete all but the newest ``keep`` versions (never the one ``LATEST`` names)."""
+        """Delete all but the newest ``keep`` versions (never the latest or the pinned one)."""
         keep = keep if keep is not None else self.keep_versions
         versions = self.versions()
-        latest = self.latest_version()
-        doomed = [v for v in versions[:-keep] if v != latest] if keep > 0 else []
+        protected = {self.latest_version(), self.pinned()}
+        doomed = [v for v in versions[:-keep] if v not in protected] if keep > 0 else []
         for v in doomed:
             if self.local:
                 shutil.rmtree(self.version_dir(v), ignore_errors=True)
