@@ -32,6 +32,7 @@ import numpy as np
 import orjson
 
 from stream_rec.model import ModelState
+from stream_rec.snapshot.delta import StateDelta, apply_delta
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,15 @@ class CorruptSnapshot(RuntimeError):
 class Manifest:
     version: int
     parent: int | None
-    kind: str  # "full"
+    kind: str  # "full" or "delta" (changed rows over ``parent``)
     created_at: float  # epoch seconds
     offsets: dict[str, dict[int, int]]  # topic -> partition -> next offset to read
     watermark: int | None  # largest event ts (epoch ms) included
     counts: dict[str, int]
     config: dict[str, Any]
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> sha256, bytes
+    base: int | None = None  # the full version at the root of this version's chain
+    chain: int = 0  # deltas between ``base`` and this version (0 for a full one)
     format: int = FORMAT
 
     def to_json(self) -> bytes:
@@ -72,6 +75,9 @@ class Manifest:
             manifest = cls(**data)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CorruptSnapshot(f"malformed manifest: {exc}") from None
+        if manifest.kind not in ("full", "delta") or (
+                manifest.kind == "delta" and (manifest.parent is None or manifest.base is None)):
+            raise CorruptSnapshot(f"manifest of kind {manifest.kind!r} lacks its parent")
         for name in manifest.files:
             if not _SAFE_NAME.match(name) or name in (".", ".."):
                 raise CorruptSnapshot(f"manifest names an unsafe path {name!r}")
@@ -183,30 +189,82 @@ class SnapshotStore:
             raise CorruptSnapshot(f"checksum mismatch for {name} in v{version}")
         return raw
 
-    def load(self, version: int | None = None) -> Snapshot | None:
-        """Load and verify ``version`` (default: latest); ``None`` for an empty store."""
+    def _read_files(self, manifest: Manifest) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Every file of a version, verified: (json documents, npy tables)."""
+        docs: dict[str, Any] = {}
+        tables: dict[str, np.ndarray] = {}
+        for name, meta in manifest.files.items():
+            raw = self._read_verified(manifest.version, name, meta)
+            try:
+                if name.endswith(".json"):
+                    docs[name[:-5]] = orjson.loads(raw)
+                elif name.endswith(".npy"):
+                    tables[name[:-4]] = np.load(io.BytesIO(raw), allow_pickle=False)
+            except ValueError as exc:
+                raise CorruptSnapshot(
+                    f"{name} in v{manifest.version} does not parse: {exc}") from None
+        return docs, tables
+
+    def load_delta(self, version: int) -> tuple[Manifest, StateDelta]:
+        """The rows a delta version changed over its parent, verified."""
+        manifest = self.read_manifest(version)
+        if manifest.kind != "delta":
+            raise ValueError(f"version {version} is a {manifest.kind} version")
+        docs, tables = self._read_files(manifest)
+        try:
+            delta = StateDelta(
+                config=manifest.config, n_users=int(manifest.counts["users"]),
+                n_items=int(manifest.counts["items"]),
+                user_rows=tables.pop("delta.user_rows"), item_rows=tables.pop("delta.item_rows"),
+                user_ids=docs["user_ids"], item_ids=docs["item_ids"],
+                seen_indptr=tables.pop("delta.seen_indptr"),
+                seen_items=tables.pop("delta.seen_items"), tables=tables)
+        except KeyError as exc:
+            raise CorruptSnapshot(f"delta v{version} lacks {exc}") from None
+        return manifest, delta
+
+    def chain(self, version: int) -> list[Manifest]:
+        """Manifests from the full base of ``version`` up to ``version`` itself."""
+        out = [self.read_manifest(version)]
+        while out[-1].kind == "delta":
+            parent = out[-1].parent
+            assert parent is not None
+            if len(out) > 100_000 or parent >= out[-1].version:
+                raise CorruptSnapshot(f"v{version} has a broken parent chain")
+            out.append(self.read_manifest(parent))
+        return out[::-1]
+
+    def load(self, version: int | None = None, *, base: Snapshot | None = None
+             ) -> Snapshot | None:
+        """Load and verify ``version`` (default: latest); ``None`` for an empty store.
+
+        A delta is applied over its chain. With ``base`` (a loaded version on
+        that chain, e.g. the one being served) only the deltas after it are read.
+        """
         if version is None:
             version = self.latest_version()
             if version is None:
                 return None
-        manifest = self.read_manifest(version)
-        tables: dict[str, np.ndarray] = {}
-        user_ids: list[str] = []
-        item_ids: list[str] = []
-        for name, meta in manifest.files.items():
-            raw = self._read_verified(version, name, meta)
+        manifests = self.chain(version)
+        start = 0
+        state: ModelState | None = None
+        if base is not None:
+            for i, m in enumerate(manifests):
+                if m.version == base.version:
+                    start, state = i + 1, base.state
+        if state is None:
+            full = manifests[0]
+            docs, tables = self._read_files(full)
+            state = ModelState(config=full.config, user_ids=docs.get("user_ids", []),
+                               item_ids=docs.get("item_ids", []), tables=tables)
+            start = 1
+        for m in manifests[start:]:
+            _, delta = self.load_delta(m.version)
             try:
-                if name == "user_ids.json":
-                    user_ids = orjson.loads(raw)
-                elif name == "item_ids.json":
-                    item_ids = orjson.loads(raw)
-                elif name.endswith(".npy"):
-                    tables[name[:-4]] = np.load(io.BytesIO(raw), allow_pickle=False)
-            except ValueError as exc:
-                raise CorruptSnapshot(f"{name} in v{version} does not parse: {exc}") from None
-        state = ModelState(config=manifest.config, user_ids=user_ids, item_ids=item_ids,
-                           tables=tables)
-        return Snapshot(manifest, state)
+                state = apply_delta(state, delta)
+            except (ValueError, KeyError, IndexError) as exc:
+                raise CorruptSnapshot(f"delta v{m.version} does not apply: {exc}") from None
+        return Snapshot(manifests[-1], state)
 
     def load_latest_valid(self) -> Snapshot | None:
         """The newest version that verifies, walking back past corrupt ones."""
@@ -220,13 +278,15 @@ class SnapshotStore:
         return None
 
     # -- writing ---------------------------------------------------------
+    def next_version(self) -> int:
+        existing = self.versions()
+        return (existing[-1] if existing else 0) + 1
+
     def publish(self, state: ModelState, *, offsets: dict[str, dict[int, int]],
                 watermark: int | None, parent: int | None = None,
                 version: int | None = None) -> Manifest:
         """Write ``state`` as a new full version and move ``LATEST`` to it."""
-        if version is None:
-            existing = self.versions()
-            version = (existing[-1] if existing else 0) + 1
+        version = version if version is not None else self.next_version()
         files: dict[str, bytes] = {
             "user_ids.json": orjson.dumps(list(state.user_ids)),
             "item_ids.json": orjson.dumps(list(state.item_ids)),
@@ -239,11 +299,42 @@ class SnapshotStore:
         manifest = Manifest(
             version=version, parent=parent, kind="full", created_at=time.time(),
             offsets=offsets, watermark=watermark, counts=counts, config=dict(state.config),
-            files={n: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)}
-                   for n, b in files.items()})
+            base=version, chain=0)
+        return self._commit_version(manifest, files)
+
+    def publish_delta(self, delta: StateDelta, *, parent: Manifest,
+                      offsets: dict[str, dict[int, int]], watermark: int | None,
+                      events: int | None = None, version: int | None = None) -> Manifest:
+        """Write the rows in ``delta`` as a version over ``parent`` and move ``LATEST``."""
+        version = version if version is not None else self.next_version()
+        files: dict[str, bytes] = {
+            "user_ids.json": orjson.dumps(delta.user_ids),
+            "item_ids.json": orjson.dumps(delta.item_ids),
+            "delta.user_rows.npy": _npy_bytes(delta.user_rows),
+            "delta.item_rows.npy": _npy_bytes(delta.item_rows),
+            "delta.seen_indptr.npy": _npy_bytes(delta.seen_indptr),
+            "delta.seen_items.npy": _npy_bytes(delta.seen_items),
+        }
+        for name, arr in delta.tables.items():
+            files[f"{name}.npy"] = _npy_bytes(arr)
+        counts = {"users": delta.n_users, "items": delta.n_items,
+                  "users_changed": len(delta.user_rows), "items_changed": len(delta.item_rows)}
+        if events is not None:
+            counts["events"] = events
+        manifest = Manifest(
+            version=version, parent=parent.version, kind="delta", created_at=time.time(),
+            offsets=offsets, watermark=watermark, counts=counts, config=dict(delta.config),
+            base=parent.base if parent.base is not None else parent.version,
+            chain=parent.chain + 1)
+        return self._commit_version(manifest, files)
+
+    def _commit_version(self, manifest: Manifest, files: dict[str, bytes]) -> Manifest:
+        """Checksum, write atomically, move ``LATEST``, apply retention."""
+        manifest.files = {n: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)}
+                          for n, b in files.items()}
         files["manifest.json"] = manifest.to_json()
-        final = self.version_dir(version)
-        tmp = self._join("versions", f".tmp-{version}-{uuid.uuid4().hex[:8]}")
+        final = self.version_dir(manifest.version)
+        tmp = self._join("versions", f".tmp-{manifest.version}-{uuid.uuid4().hex[:8]}")
         if self.local:
             self._write_local(tmp, final, files)
         else:
@@ -251,7 +342,7 @@ class SnapshotStore:
             for name, data in files.items():
                 self.fs.pipe_file(f"{tmp}/{name}", data)
             self.fs.mv(tmp, final, recursive=True)
-        self._set_latest(version)
+        self._set_latest(manifest.version)
         self.prune()
         return manifest
 
@@ -284,11 +375,22 @@ class SnapshotStore:
             self.fs.pipe_file(self._join(name), data)
 
     def prune(self, keep: int | None = None) -> list[int]:
-        """Delete all but the newest ``keep`` versions (never the latest or the pinned one)."""
+        """Apply retention: keep the newest ``keep`` versions and every version their
+        chains need (back to each one's full base), the latest and the pinned one
+        with their chains; delete the rest, oldest first."""
         keep = keep if keep is not None else self.keep_versions
         versions = self.versions()
-        protected = {self.latest_version(), self.pinned()}
-        doomed = [v for v in versions[:-keep] if v not in protected] if keep > 0 else []
+        wanted = set(versions[-keep:]) if keep > 0 else set(versions)
+        wanted.update(v for v in (self.latest_version(), self.pinned()) if v is not None)
+        needed: set[int] = set()
+        for v in sorted(wanted, reverse=True):
+            if v in needed:
+                continue
+            try:
+                needed.update(m.version for m in self.chain(v))
+            except CorruptSnapshot:
+                needed.add(v)  # unreadable: keep it for an operator to inspect
+        doomed = [v for v in versions if v not in needed]
         for v in doomed:
             if self.local:
                 shutil.rmtree(self.version_dir(v), ignore_errors=True)
