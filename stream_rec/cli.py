@@ -26,6 +26,10 @@ EXAMPLES = {
     "worker": "stream-rec worker --bootstrap 127.0.0.1:9092 --store data/snapshots",
     "serve": "stream-rec serve --store data/snapshots --port 8000",
     "demo": "stream-rec demo --rate 3000",
+    "replay": "stream-rec replay --store data/replay --from-time 2026-06-01T00:00:00Z",
+    "snapshots": "stream-rec snapshots list --store data/snapshots",
+    "dlq": "stream-rec dlq list --reason 'missing field' --limit 20",
+    "status": "stream-rec status --store data/snapshots --sample 5",
 }
 
 
@@ -173,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
         evaluation = None  # type: ignore[assignment]
     if evaluation is not None:
         evaluation.add_parser(sub)
+    from stream_rec.ops import dlq, replay, snapshots, status
+
+    replay.add_parser(sub)
+    snapshots.add_parser(sub)
+    dlq.add_parser(sub)
+    status.add_parser(sub)
     return parser
 
 

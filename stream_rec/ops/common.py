@@ -1,0 +1,162 @@
+"""Helpers shared by the operator subcommands: parsers, output, times, stores, reading ranges."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+from kafka import TopicPartition
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def usage_error(message: str) -> Exception:
+    """The CLI's expected-failure exception (one line, exit 2), imported lazily (no cycle)."""
+    from stream_rec.cli import UsageError
+
+    return UsageError(message)
+
+
+def add_command(sub: argparse._SubParsersAction, name: str, help_: str, func: Handler,
+                example: str) -> argparse.ArgumentParser:
+    """A (sub)command with the common flags, ``--json`` and an example in its help."""
+    from stream_rec.cli import _common
+
+    p = sub.add_parser(name, help=help_, description=help_,
+                       epilog=f"example:\n  {example}",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=func)
+    return p
+
+
+def add_group(sub: argparse._SubParsersAction, name: str, help_: str,
+              example: str) -> argparse._SubParsersAction:
+    """A command with its own subcommands (``snapshots list``, ``dlq redrive``…)."""
+    p = sub.add_parser(name, help=help_, description=help_,
+                       epilog=f"example:\n  {example}",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    return p.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+
+def settings_for(args: argparse.Namespace) -> Any:
+    from stream_rec.cli import _settings
+
+    return _settings(args)
+
+
+def emit(args: argparse.Namespace, data: Any, text: str | list[str]) -> None:
+    """Print ``data`` as JSON with ``--json``, else the human-readable ``text``."""
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, sort_keys=True, default=str))
+    else:
+        print(text if isinstance(text, str) else "\n".join(text))
+    sys.stdout.flush()
+
+
+def parse_time(text: str) -> int:
+    """Epoch milliseconds from an integer (epoch ms) or an ISO-8601 timestamp (UTC if naive)."""
+    raw = text.strip()
+    if re.fullmatch(r"\d+", raw):
+        return int(raw)
+    try:
+        dt = datetime.fromisoformat(raw[:-1] + "+00:00" if raw.endswith(("Z", "z")) else raw)
+    except ValueError:
+        raise usage_error(f"not an ISO-8601 time or epoch milliseconds: {text!r}") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return int(dt.timestamp() * 1000)
+
+
+def parse_pairs(text: str, what: str) -> dict[int, int]:
+    """``"0:120,1:80"`` → ``{0: 120, 1: 80}`` (partition:offset), or a usage error."""
+    out: dict[int, int] = {}
+    for part in (p.strip() for p in text.split(",")):
+        m = re.fullmatch(r"(\d+):(\d+)", part)
+        if not m:
+            raise usage_error(f"{what}: expected PARTITION:OFFSET[,…] (e.g. 0:120,1:80), "
+                              f"got {part!r}")
+        p, o = int(m.group(1)), int(m.group(2))
+        if p in out:
+            raise usage_error(f"{what}: partition {p} given twice")
+        out[p] = o
+    return out
+
+
+def age_s(created_at: float | None) -> float | None:
+    return None if created_at is None else max(0.0, time.time() - created_at)
+
+
+def fmt_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def open_store(path: str, keep_versions: int = 20, must_exist: bool = True) -> Any:
+    """A :class:`SnapshotStore`; with ``must_exist`` a missing store is an error, not created."""
+    import fsspec
+
+    from stream_rec.snapshot import SnapshotStore
+
+    fs, root = fsspec.core.url_to_fs(path)
+    if must_exist and not fs.exists(root.rstrip("/") + "/versions"):
+        raise FileNotFoundError(f"no snapshot store at {path}")
+    return SnapshotStore(path, keep_versions)
+
+
+def topic_partitions(consumer: Any, topic: str) -> list[TopicPartition]:
+    """The topic's partitions, or a usage error when the topic does not exist."""
+    parts = consumer.partitions_for_topic(topic)
+    if not parts:
+        raise usage_error(f"topic {topic!r} does not exist")
+    return [TopicPartition(topic, p) for p in sorted(parts)]
+
+
+def read_range(consumer: Any, start: dict[TopicPartition, int],
+               stop: dict[TopicPartition, int], idle_s: float = 10.0) -> Iterator[Any]:
+    """Records of each partition in ``[start, stop)`` via manual assignment (no group).
+
+    Stops when every partition reaches ``stop`` or nothing arrives for
+    ``idle_s`` (a range whose tail was deleted by retention).
+    """
+    todo = {tp: o for tp, o in stop.items() if start.get(tp, 0) < o}
+    if not todo:
+        return
+    consumer.assign(list(todo))
+    for tp in todo:
+        consumer.seek(tp, start.get(tp, 0))
+    last = time.monotonic()
+    while todo:
+        got = consumer.poll(timeout_ms=500, max_records=2000)
+        if not got:
+            if all(consumer.position(tp) >= end for tp, end in todo.items()):
+                break
+            if time.monotonic() - last > idle_s:
+                break
+            continue
+        last = time.monotonic()
+        for tp, recs in got.items():
+            end = todo.get(tp)
+            if end is None:
+                continue
+            for rec in recs:
+                if rec.offset >= end:
+                    break
+                yield rec
+            if consumer.position(tp) >= end:
+                del todo[tp]
+                consumer.pause(tp)
