@@ -73,6 +73,10 @@ class WorkerSettings(BaseModel):
     # A version is published after a batch once this much time has passed since
     # the previous one; offsets are committed only after it is durable.
     publish_interval_ms: int = Field(250, ge=0)
+    # Most versions are deltas; a full one is written after this many deltas or
+    # this many seconds, bounding how long a chain a reader must apply.
+    full_every_versions: int = Field(50, ge=1)
+    full_every_s: float = Field(300.0, gt=0)
     device: str = "auto"
     metrics_port: int = 0  # 0 = no metrics endpoint
 
@@ -90,6 +94,9 @@ class ServeSettings(BaseModel):
     poll_interval_ms: int = Field(100, ge=10)
     default_k: int = Field(10, ge=1)
     max_k: int = Field(1000, ge=1)
+    # "flat": exact inner product (default); "ivf": approximate, for large catalogues.
+    index: Literal["flat", "ivf"] = "flat"
+    nprobe: int = Field(16, ge=1)  # IVF lists searched per query: recall vs latency
 
 
 class Settings(BaseSettings):

@@ -30,7 +30,8 @@ from stream_rec.ingest.kafka import ensure_topics, make_consumer, make_producer
 from stream_rec.metrics import WorkerMetrics, dead_letter_reason_label
 from stream_rec.model import StreamingModel
 from stream_rec.settings import Settings
-from stream_rec.snapshot import SnapshotStore
+from stream_rec.snapshot import Manifest, SnapshotStore, delta_from_state
+from stream_rec.snapshot.publisher import FullPolicy, Publisher, PublishJob
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,15 @@ class Worker:
         self.watermark: int | None = None
         self.version: int | None = None
         self.dirty = False
+        self.events = 0  # valid events in the model (restored from the snapshot)
         self.consumer: Any = None
         self.model: StreamingModel | None = None
+        self.publisher: Publisher | None = None
+        self.policy = FullPolicy(max_chain=settings.worker.full_every_versions,
+                                 max_age_s=settings.worker.full_every_s)
+        self._changed_users: list[np.ndarray] = []
+        self._changed_items: list[np.ndarray] = []
+        self._restored: Manifest | None = None
 
     # -- lifecycle -------------------------------------------------------
     def restore(self) -> StreamingModel:
@@ -111,6 +119,8 @@ class Worker:
         self.offsets = dict(m.offsets.get(self.kafka.topic, {}))
         self.watermark = m.watermark
         self.version = m.version
+        self.events = int(m.counts.get("events", 0))
+        self._restored = m
         log.info("restored version %d: %s events, offsets %s", m.version,
                  m.counts.get("events"), self.offsets)
         return StreamingModel.from_state(snapshot.state, device=device)
@@ -133,19 +143,26 @@ class Worker:
         ensure_topics(self.kafka, [self.kafka.topic, self.kafka.dlq_topic])
         dlq = DeadLetterWriter(make_producer(self.kafka), self.kafka.dlq_topic)
         self.consumer = self._open_consumer()
+        self.publisher = Publisher(self.store, self._restored)
         last_publish = time.monotonic()
         try:
             while not self.stop_requested.is_set() and not self.reached_end():
                 records = self.poll_batch(wcfg.batch_max_events, wcfg.batch_max_ms)
                 if records:
                     self.apply(records, dlq)
+                self.commit_published()
                 due = time.monotonic() - last_publish >= wcfg.publish_interval_ms / 1000.0
-                if self.dirty and due:
+                if self.dirty and due and not self.publisher.busy():
                     self.checkpoint(dlq)
                     last_publish = time.monotonic()
+            # Shutdown: let the version in flight land, publish the rest, commit.
+            self.publisher.wait_idle()
             if self.dirty:
                 self.checkpoint(dlq)
+                self.publisher.wait_idle()
+            self.commit_published()
         finally:
+            self.publisher.close()
             self.consumer.close(autocommit=False)
             dlq.close()
         log.info("worker stopped at version %s, offsets %s", self.version, self.offsets)
@@ -222,41 +239,68 @@ class Worker:
         items = [d.event.item_id for d in oks]
         ts = np.fromiter((d.event.ts for d in oks), dtype=np.int64, count=len(oks))
         weights = np.fromiter((d.event.weight for d in oks), dtype=np.float32, count=len(oks))
-        self.model.learn(users, items, ts, weights)
+        changed = self.model.learn(users, items, ts, weights)
+        self._changed_users.append(changed.users)
+        self._changed_items.append(changed.items)
         top = int(ts.max())
         self.watermark = top if self.watermark is None else max(self.watermark, top)
+        self.events += len(oks)
         self.metrics.events.inc(len(oks))
         self.metrics.watermark.set(self.watermark)
 
     def checkpoint(self, dlq: DeadLetterWriter) -> None:
-        """Publish a version, then commit the offsets it includes."""
-        assert self.model is not None
-        t0 = time.perf_counter()
-        dlq.flush()  # dead letters are durable before their offsets are
-        state = self.model.state()
-        manifest = self.store.publish(
-            state, offsets={self.kafka.topic: dict(self.offsets)}, watermark=self.watermark,
-            parent=self.version)
-        self.version = manifest.version
-        self.dirty = False
-        self.metrics.publishes.inc()
-        self.metrics.publish_seconds.observe(time.perf_counter() - t0)
-        self.metrics.version.set(manifest.version)
-        self.metrics.users.set(manifest.counts["users"])
-        self.metrics.items.set(manifest.counts["items"])
-        log.debug("published version %d (%s events, watermark %s)", manifest.version,
-                  manifest.counts.get("events"), self.watermark)
-        if self.on_publish:
-            self.on_publish(manifest.version)
-        self.commit()
+        """Hand a consistent copy of the model to the publisher (full or delta).
 
-    def commit(self) -> None:
+        Runs on the polling thread between batches, so the copy is consistent;
+        its cost follows the rows changed since the previous version (a delta)
+        unless the full-version policy asks for the whole state.
+        """
+        assert self.model is not None and self.publisher is not None
+        dlq.flush()  # dead letters are durable before the offsets that skip them
+        users = np.unique(np.concatenate(self._changed_users)) if self._changed_users \
+            else np.zeros(0, np.int64)
+        items = np.unique(np.concatenate(self._changed_items)) if self._changed_items \
+            else np.zeros(0, np.int64)
+        self._changed_users.clear()
+        self._changed_items.clear()
+        job = PublishJob(offsets={self.kafka.topic: dict(self.offsets)},
+                         watermark=self.watermark, events=self.events)
+        total = self.model.n_users + self.model.n_items
+        if self.policy.wants_full(self.publisher.parent, self.publisher.full_at,
+                                  len(users) + len(items), total):
+            job.state = self.model.state()
+        else:
+            job.delta = delta_from_state(self.model.state(), users, items)
+        self.publisher.submit(job)
+        self.dirty = False
+
+    def commit_published(self) -> None:
+        """Commit the offsets of versions the publisher has made durable."""
+        assert self.publisher is not None
+        done = self.publisher.completed()
+        if not done:
+            return
+        for manifest in done:
+            self.metrics.publishes.inc()
+            self.metrics.publish_seconds.observe(self.publisher.seconds_last)
+            log.debug("published %s version %d (%s events, watermark %s)", manifest.kind,
+                      manifest.version, manifest.counts.get("events"), manifest.watermark)
+            if self.on_publish:
+                self.on_publish(manifest.version)
+        last = done[-1]
+        self.version = last.version
+        self.metrics.version.set(last.version)
+        self.metrics.users.set(last.counts["users"])
+        self.metrics.items.set(last.counts["items"])
+        self.commit(last.offsets.get(self.kafka.topic, {}))
+
+    def commit(self, offsets: dict[int, int]) -> None:
         if self.bounds is not None:
             return  # a bounded run has no group: its snapshot alone records progress
-        offsets = {TopicPartition(self.kafka.topic, p): OffsetAndMetadata(o, "", -1)
-                   for p, o in self.offsets.items()}
+        to_commit = {TopicPartition(self.kafka.topic, p): OffsetAndMetadata(o, "", -1)
+                     for p, o in offsets.items()}
         try:
-            self.consumer.commit(offsets)
+            self.consumer.commit(to_commit)
         except (CommitFailedError, KafkaError) as exc:
             # The snapshot already holds these offsets; a failed commit only
             # means a restart will seek from the snapshot instead.

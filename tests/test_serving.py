@@ -106,3 +106,40 @@ def test_index_updates_in_place_and_tombstones() -> None:
     idx.upsert(np.array([25]), vecs[3:4] * 3)  # grows
     assert idx.ntotal == 26 and idx.search(q, 1)[0][0][0] == 25
     assert 3 not in [r for r, _ in idx.search(q, 5, [np.array([3])])[0]]
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_refreshed_copy_changes_only_the_copy(kind: str) -> None:
+    rng = np.random.default_rng(1)
+    vecs = rng.normal(size=(3000, 8)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    old = ItemIndex.build(vecs, kind=kind, nprobe=64)
+    assert old.kind == kind
+    q = vecs[10:11]
+    new = old.refreshed(np.array([10, 3000]), np.stack([-vecs[10], vecs[10]]))
+    assert old.search(q, 1)[0][0][0] == 10  # readers of the old index see no change
+    assert new.search(q, 1)[0][0][0] == 3000 and new.ntotal == 3001
+    assert 10 not in [r for r, _ in new.search(q, 50)[0]]
+
+
+def test_serving_applies_deltas_over_the_version_it_holds(served) -> None:
+    from stream_rec.model import ModelConfig, StreamingModel
+    from stream_rec.snapshot import delta_from_state
+
+    store, watcher, client = served
+    model = StreamingModel(ModelConfig(dim=8), device="cpu")
+    model.learn(["u1", "u2"], ["a", "b"], np.array([1, 2]))
+    parent = store.publish(model.state(), offsets={}, watermark=2)
+    watcher.poll_once()
+    first = watcher.current
+    changed = model.learn(["u1", "u3"], ["c", "d"], np.array([3, 4]))
+    store.publish_delta(delta_from_state(model.state(), changed.users, changed.items),
+                        parent=parent, offsets={}, watermark=4)
+    assert watcher.poll_once()
+    current = watcher.current
+    assert current.snapshot.base_version == first.version
+    assert set(current.snapshot.changed_items.tolist()) >= {2, 3}
+    body = client.get("/recommend/u3", params={"k": 3}).json()
+    assert body["version"] == 2 and not body["fallback"]
+    expect = model.state().recommend("u3", 3)
+    assert [i["item_id"] for i in body["items"]] == [i for i, _ in expect]

@@ -1,5 +1,5 @@
 """FAISS index of item vectors, refreshed in place for the items that changed."""
 
-from stream_rec.index.flat import ItemIndex
+from stream_rec.index.item_index import KINDS, ItemIndex
 
-__all__ = ["ItemIndex"]
+__all__ = ["KINDS", "ItemIndex"]

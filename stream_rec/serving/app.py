@@ -30,7 +30,8 @@ def create_app(store: SnapshotStore, cfg: ServeSettings | None = None,
     """The serving application over ``store``; ``watch=False`` leaves polling to the caller."""
     cfg = cfg or ServeSettings()
     metrics = metrics or ServingMetrics()
-    watcher = SnapshotWatcher(store, cfg.poll_interval_ms / 1000.0, metrics)
+    watcher = SnapshotWatcher(store, cfg.poll_interval_ms / 1000.0, metrics,
+                              index_kind=cfg.index, nprobe=cfg.nprobe)
     KParam = Annotated[int, Query(ge=1, le=cfg.max_k, description="number of items")]
 
     @asynccontextmanager

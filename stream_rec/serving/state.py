@@ -29,15 +29,30 @@ class Recommendation:
 
 
 class ServingState:
-    """One snapshot, indexed and ready for queries."""
+    """One snapshot, indexed and ready for queries.
 
-    def __init__(self, snapshot: Snapshot) -> None:
+    Built over the previous state when the new version was loaded as deltas on
+    top of it: the index is then copied once and only the changed item rows are
+    refreshed, instead of indexing every item again.
+    """
+
+    def __init__(self, snapshot: Snapshot, previous: ServingState | None = None,
+                 index_kind: str = "flat", nprobe: int = 16) -> None:
         self.snapshot = snapshot
         self.manifest = snapshot.manifest
         self.state = snapshot.state
-        ids = np.asarray(self.state.item_ids, dtype=object)
-        dead = np.flatnonzero(ids == "") if len(ids) else None
-        self.index = ItemIndex.build(self.state.tables["item.vectors"], dead)
+        vectors = self.state.tables["item.vectors"]
+        rows = snapshot.changed_items
+        if previous is not None and rows is not None \
+                and snapshot.base_version == previous.version \
+                and previous.index.kind == index_kind:
+            dead = np.array([r for r in rows.tolist() if not self.state.item_ids[r]],
+                            dtype=np.int64)
+            self.index = previous.index.refreshed(rows, vectors[rows], dead)
+        else:
+            ids = np.asarray(self.state.item_ids, dtype=object)
+            dead = np.flatnonzero(ids == "") if len(ids) else None
+            self.index = ItemIndex.build(vectors, dead, kind=index_kind, nprobe=nprobe)
         self.loaded_at = time.time()
 
     @property
@@ -77,8 +92,11 @@ class SnapshotWatcher:
     """Polls a store and hot-swaps newer verified versions into :attr:`current`."""
 
     def __init__(self, store: SnapshotStore, poll_interval_s: float = 0.1,
-                 metrics: Any | None = None) -> None:
+                 metrics: Any | None = None, index_kind: str = "flat",
+                 nprobe: int = 16) -> None:
         self.store = store
+        self.index_kind = index_kind
+        self.nprobe = nprobe
         self.poll_interval_s = poll_interval_s
         self.metrics = metrics
         self.current: ServingState | None = None
@@ -97,8 +115,9 @@ class SnapshotWatcher:
         if target is None or target == have or target in self._refused:
             return False
         t0 = time.perf_counter()
+        current = self.current
         try:
-            snapshot = self.store.load(target)
+            snapshot = self.store.load(target, base=current.snapshot if current else None)
         except (CorruptSnapshot, OSError, ValueError) as exc:
             self._refused.add(target)
             log.error("refusing snapshot version %s: %s (still serving %s)", target, exc, have)
@@ -107,7 +126,7 @@ class SnapshotWatcher:
             return False
         if snapshot is None:
             return False
-        new_state = ServingState(snapshot)
+        new_state = ServingState(snapshot, current, self.index_kind, self.nprobe)
         self.current = new_state  # the swap: one reference, atomic under the GIL
         if self.metrics:
             self.metrics.observe_swap(new_state, time.perf_counter() - t0)

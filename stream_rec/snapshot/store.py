@@ -88,6 +88,9 @@ class Manifest:
 class Snapshot:
     manifest: Manifest
     state: ModelState
+    # Item rows changed since the ``base`` it was loaded over (None: loaded whole).
+    changed_items: np.ndarray | None = None
+    base_version: int | None = None
 
     @property
     def version(self) -> int:
@@ -248,22 +251,28 @@ class SnapshotStore:
         manifests = self.chain(version)
         start = 0
         state: ModelState | None = None
+        from_base = False
         if base is not None:
             for i, m in enumerate(manifests):
                 if m.version == base.version:
-                    start, state = i + 1, base.state
+                    start, state, from_base = i + 1, base.state, True
         if state is None:
             full = manifests[0]
             docs, tables = self._read_files(full)
             state = ModelState(config=full.config, user_ids=docs.get("user_ids", []),
                                item_ids=docs.get("item_ids", []), tables=tables)
             start = 1
+        changed: list[np.ndarray] = []
         for m in manifests[start:]:
             _, delta = self.load_delta(m.version)
+            changed.append(delta.item_rows)
             try:
                 state = apply_delta(state, delta)
             except (ValueError, KeyError, IndexError) as exc:
                 raise CorruptSnapshot(f"delta v{m.version} does not apply: {exc}") from None
+        if from_base:
+            rows = np.unique(np.concatenate(changed)) if changed else np.zeros(0, np.int64)
+            return Snapshot(manifests[-1], state, changed_items=rows, base_version=base.version)
         return Snapshot(manifests[-1], state)
 
     def load_latest_valid(self) -> Snapshot | None:
