@@ -97,6 +97,7 @@ class ServeSettings(BaseModel):
     # "flat": exact inner product (default); "ivf": approximate, for large catalogues.
     index: Literal["flat", "ivf"] = "flat"
     nprobe: int = Field(16, ge=1)  # IVF lists searched per query: recall vs latency
+    search_threads: int = Field(1, ge=1)  # FAISS threads per search (requests run in parallel)
 
 
 class Settings(BaseSettings):

@@ -74,7 +74,7 @@ def test_a_corrupt_newer_version_is_refused_and_serving_continues(served) -> Non
     store.publish(trained_state(), offsets={}, watermark=1)
     watcher.poll_once()
     store.publish(trained_state(seed=1), offsets={}, watermark=2)
-    victim = Path(store.version_dir(2)) / "item.vectors.npy"
+    victim = Path(store.version_dir(2)) / "data.bin"
     victim.write_bytes(victim.read_bytes()[:-3])
     assert not watcher.poll_once()
     assert client.get("/readyz").json()["version"] == 1

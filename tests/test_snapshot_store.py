@@ -56,7 +56,7 @@ def test_empty_store_loads_nothing(store: SnapshotStore) -> None:
 
 def _corrupt(store: SnapshotStore, how: str) -> None:
     vdir = Path(store.version_dir(2))
-    victim = vdir / "item.vectors.npy"
+    victim = vdir / "data.bin"
     if how == "truncate":
         victim.write_bytes(victim.read_bytes()[:-7])
     elif how == "flip":
@@ -67,8 +67,14 @@ def _corrupt(store: SnapshotStore, how: str) -> None:
         victim.unlink()
     elif how == "escape":
         manifest = (vdir / "manifest.json").read_text()
-        (vdir / "manifest.json").write_text(manifest.replace('"item.vectors.npy"',
-                                                             '"../v000000000001/x.npy"'))
+        (vdir / "manifest.json").write_text(manifest.replace('"data.bin"',
+                                                             '"../v000000000001/data.bin"'))
+    elif how == "absolute":
+        manifest = (vdir / "manifest.json").read_text()
+        (vdir / "manifest.json").write_text(manifest.replace('"data.bin"', '"/etc/passwd"'))
+    elif how == "entry-out-of-bounds":
+        manifest = (vdir / "manifest.json").read_text()
+        (vdir / "manifest.json").write_text(manifest.replace('"offset": 0', '"offset": 99999999'))
     elif how == "symlink":
         outside = Path(store.root).parent / "outside.npy"
         outside.write_bytes(victim.read_bytes())
@@ -78,8 +84,8 @@ def _corrupt(store: SnapshotStore, how: str) -> None:
         (vdir / "manifest.json").unlink()
 
 
-@pytest.mark.parametrize("how", ["truncate", "flip", "missing", "escape", "symlink",
-                                 "no-manifest"])
+@pytest.mark.parametrize("how", ["truncate", "flip", "missing", "escape", "absolute",
+                                 "entry-out-of-bounds", "symlink", "no-manifest"])
 def test_corrupt_versions_are_refused_and_the_previous_one_kept(store: SnapshotStore,
                                                                 how: str) -> None:
     state = trained_state(200)

@@ -15,6 +15,7 @@ from fastapi import FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from stream_rec.index import set_search_threads
 from stream_rec.metrics import ServingMetrics
 from stream_rec.serving.state import ServingState, SnapshotWatcher
 from stream_rec.settings import ServeSettings
@@ -30,6 +31,7 @@ def create_app(store: SnapshotStore, cfg: ServeSettings | None = None,
     """The serving application over ``store``; ``watch=False`` leaves polling to the caller."""
     cfg = cfg or ServeSettings()
     metrics = metrics or ServingMetrics()
+    set_search_threads(cfg.search_threads)
     watcher = SnapshotWatcher(store, cfg.poll_interval_ms / 1000.0, metrics,
                               index_kind=cfg.index, nprobe=cfg.nprobe)
     KParam = Annotated[int, Query(ge=1, le=cfg.max_k, description="number of items")]
