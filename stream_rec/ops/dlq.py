@@ -23,7 +23,7 @@ from typing import Any
 
 from kafka import TopicPartition
 
-from stream_rec.ops.common import add_command, add_group, emit, parse_pairs, read_range, \
+from stream_rec.ops.common import add_command, add_group, emit, end_offsets, parse_pairs, read_range, \
     settings_for, topic_partitions, usage_error
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def read_letters(cfg: Any, reason: str | None = None) -> list[dict[str, Any]]:
         if not consumer.partitions_for_topic(cfg.dlq_topic):
             return []  # the worker creates it on start: no topic, no letters
         tps = topic_partitions(consumer, cfg.dlq_topic)
-        begin, end = consumer.beginning_offsets(tps), consumer.end_offsets(tps)
+        begin, end = consumer.beginning_offsets(tps), end_offsets(consumer, tps)
         letters = [_letter(r) for r in read_range(consumer, begin, end)]
     finally:
         consumer.close()
@@ -113,7 +113,7 @@ def redriven_marks(cfg: Any, topics: set[str], since_ms: int) -> set[str]:
             if not parts:
                 continue
             tps = [TopicPartition(topic, p) for p in sorted(parts)]
-            end = consumer.end_offsets(tps)
+            end = end_offsets(consumer, tps)
             found = consumer.offsets_for_times({tp: max(0, since_ms) for tp in tps})
             start = {tp: (found[tp].offset if found.get(tp) is not None else end[tp])
                      for tp in tps}

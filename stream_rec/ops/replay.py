@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -25,6 +26,7 @@ from kafka import TopicPartition
 from stream_rec.ops.common import (
     add_command,
     emit,
+    end_offsets,
     open_store,
     parse_pairs,
     parse_time,
@@ -76,7 +78,7 @@ def resolve_range(consumer: Any, topic: str, from_offsets: str | None, from_time
         raise usage_error("--to-time is before --from-time")
     tps = topic_partitions(consumer, topic)
     begin = consumer.beginning_offsets(tps)
-    end = consumer.end_offsets(tps)
+    end = end_offsets(consumer, tps)
     start = {tp.partition: begin[tp] for tp in tps}
     stop = {tp.partition: end[tp] for tp in tps}
     if parsed is not None:
@@ -124,7 +126,7 @@ def _read_marker(store: Any) -> dict[str, Any] | None:
 
 def _write_marker(store: Any, data: dict[str, Any]) -> None:
     store.fs.pipe_file(store.root.rstrip("/") + "/" + MARKER,
-                       orjson.dumps(data, option=orjson.OPT_INDENT_2))
+                       orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
 
 
 def _live_store_path(args: argparse.Namespace) -> str:
@@ -230,13 +232,18 @@ def replay_into_store(args: argparse.Namespace, settings: Any) -> int:
 
     watcher = threading.Thread(target=watch, name="replay-progress", daemon=True)
     watcher.start()
+    # Ctrl+C / SIGTERM finish the batch in hand and publish: re-running resumes there.
     in_main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     if in_main:
         worker.install_signal_handlers()
     t0 = time.monotonic()
     try:
         worker.run()
     finally:
+        if in_main:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         finished.set()
         watcher.join(2)
         progress.update(done_count())

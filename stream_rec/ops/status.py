@@ -13,7 +13,7 @@ import argparse
 import time
 from typing import Any
 
-from stream_rec.ops.common import add_command, age_s, emit, fmt_age, open_store, settings_for, \
+from stream_rec.ops.common import add_command, age_s, emit, end_offsets, fmt_age, open_store, settings_for, \
     topic_partitions, usage_error
 
 EXAMPLE = "stream-rec status --bootstrap 127.0.0.1:9092 --store data/snapshots --sample 5"
@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _lag(consumer: Any, tps: list[Any]) -> tuple[dict[int, dict[str, int | None]], int | None]:
-    end = consumer.end_offsets(tps)
+    end = end_offsets(consumer, tps)
     rows: dict[int, dict[str, int | None]] = {}
     total: int | None = 0
     for tp in tps:
