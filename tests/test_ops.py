@@ -101,8 +101,8 @@ def test_replay_from_time_rebuilds_the_live_state(kafka_cfg: KafkaSettings, tmp_
     ensure_topics(cfg, [cfg.topic], partitions=1)
     ensure_topics(cfg, [cfg.dlq_topic])
     live = tmp_path / "live"
-    # Fixed batch boundaries (500 records, generous wait) make the run reproducible.
-    env = env_for(cfg, live, STREAM_REC_WORKER__BATCH_MAX_EVENTS="500",
+    # Fixed batch boundaries (100 records, generous wait) make the run reproducible.
+    env = env_for(cfg, live, STREAM_REC_WORKER__BATCH_MAX_EVENTS="100",
                   STREAM_REC_WORKER__BATCH_MAX_MS="5000",
                   STREAM_REC_WORKER__PUBLISH_INTERVAL_MS="100")
     t_from = int(time.time() * 1000)
@@ -138,6 +138,14 @@ def test_replay_from_time_rebuilds_the_live_state(kafka_cfg: KafkaSettings, tmp_
     target = tmp_path / "replay"
     argv = ["replay", "--store", str(target), "--from-time", str(t_from),
             "--to-time", str(t_to), "--json"]
+    # Interrupted (Ctrl+C) once it has published a first version...
+    first = spawn(argv, env, tmp_path / "replay.log")
+    wait_until(lambda: SnapshotStore(target).latest_version() if target.exists() else None, 60,
+               interval_s=0.02, what="the replay's first version")
+    first.send_signal(signal.SIGINT)
+    assert first.wait(30) == 130, (tmp_path / "replay.log").read_text()[-2000:]
+    assert _snapshot_offsets(target, cfg.topic).get(0, 0) < 2000
+    # ...then re-run: it resumes from the store's offsets and finishes the same range.
     rc, out, err = run_cli(argv, env, monkeypatch, capsys)
     assert rc == 0, err
     assert out["complete"] and out["start"] == {"0": 0} and out["stop"] == {"0": 2000}
