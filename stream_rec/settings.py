@@ -78,7 +78,10 @@ class WorkerSettings(BaseModel):
     full_every_versions: int = Field(50, ge=1)
     full_every_s: float = Field(300.0, gt=0)
     device: str = "auto"
-    metrics_port: int = 0  # 0 = no metrics endpoint
+    metrics_port: int = 0  # 0 = no metrics/health endpoint (/metrics, /healthz)
+    # /healthz answers 503 once the broker has not answered (records, heartbeat
+    # or commit) for this long.
+    stall_after_s: float = Field(30.0, gt=0)
 
 
 class StoreSettings(BaseModel):

@@ -25,6 +25,7 @@ from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from stream_rec.events import Decoded, decode_batch
+from stream_rec.faults import failpoint
 from stream_rec.ingest.dlq import DeadLetterWriter
 from stream_rec.ingest.kafka import ensure_topics, make_consumer, make_producer
 from stream_rec.metrics import WorkerMetrics, dead_letter_reason_label
@@ -46,6 +47,14 @@ class _SeekToSnapshot(ConsumerRebalanceListener):
 
     def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
+        if revoked:
+            self.worker.rewind_to_published()
+
+    def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
+        log.warning("partitions lost (evicted from the group): %s",
+                    sorted(tp.partition for tp in lost))
+        if lost:
+            self.worker.rewind_to_published()
 
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         consumer = self.worker.consumer
@@ -60,6 +69,96 @@ class _SeekToSnapshot(ConsumerRebalanceListener):
             consumer.seek_to_beginning(*fresh)
         log.info("partitions assigned: %s (from snapshot offsets %s)",
                  sorted(tp.partition for tp in assigned), self.worker.offsets)
+
+
+class Health:
+    """Liveness as the broker side sees it, for ``/healthz`` and the log.
+
+    A stalled broker does not make ``poll`` fail: it returns nothing, as an
+    idle topic does. So contact is counted only from evidence that the broker
+    answered: a poll that returned records, a successful offset commit, or a
+    group heartbeat response (kafka-python's coordinator records its time).
+    A polling loop that is itself stuck stops refreshing all three.
+    """
+
+    def __init__(self, stall_after_s: float) -> None:
+        self.stall_after_s = stall_after_s
+        self.last_contact = time.monotonic()
+        self.last_records: float | None = None
+        self.last_commit: float | None = None
+        self._reported = False
+
+    def polled(self, consumer: Any, got_records: bool) -> None:
+        now = time.monotonic()
+        if got_records:
+            self.last_records = self.last_contact = now
+        heartbeat = getattr(getattr(consumer, "_coordinator", None), "heartbeat", None)
+        answered = getattr(heartbeat, "last_receive", None)
+        if isinstance(answered, float) and answered != float("inf") \
+                and answered > self.last_contact:
+            self.last_contact = answered
+        self._log_transition(now)
+
+    def committed(self) -> None:
+        self.last_commit = self.last_contact = time.monotonic()
+
+    def _log_transition(self, now: float) -> None:
+        stalled = now - self.last_contact > self.stall_after_s
+        if stalled and not self._reported:
+            log.warning("stalled: no answer from the broker for %.0f s", now - self.last_contact)
+        elif not stalled and self._reported:
+            log.warning("broker answers again: resuming")
+        self._reported = stalled
+
+    def status(self) -> tuple[bool, dict[str, Any]]:
+        """(healthy, details) for the health endpoint."""
+        now = time.monotonic()
+        age = now - self.last_contact
+        body: dict[str, Any] = {
+            "status": "ok", "seconds_since_broker_contact": round(age, 1),
+            "seconds_since_records": None if self.last_records is None
+            else round(now - self.last_records, 1),
+            "seconds_since_commit": None if self.last_commit is None
+            else round(now - self.last_commit, 1)}
+        if age > self.stall_after_s:
+            body["status"] = "stalled"
+            body["reason"] = (f"no successful poll, heartbeat or commit for {age:.0f} s "
+                              f"(limit {self.stall_after_s:g} s): broker unreachable or stalled")
+            return False, body
+        return True, body
+
+
+def serve_health(worker: Worker, port: int, host: str = "0.0.0.0") -> Any:
+    """``/healthz`` (200, or 503 with the reason) and ``/metrics`` on a daemon thread."""
+    import json
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            if self.path.split("?", 1)[0] == "/healthz":
+                ok, body = worker.health.status()
+                data, ctype, code = json.dumps(body).encode(), "application/json", \
+                    200 if ok else 503
+            elif self.path.split("?", 1)[0] == "/metrics":
+                data, ctype, code = generate_latest(worker.metrics.registry), \
+                    CONTENT_TYPE_LATEST, 200
+            else:
+                data, ctype, code = b"not found", "text/plain", 404
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="worker-health", daemon=True).start()
+    return server
 
 
 @dataclass(frozen=True)
@@ -107,6 +206,9 @@ class Worker:
         self._changed_users: list[np.ndarray] = []
         self._changed_items: list[np.ndarray] = []
         self._restored: Manifest | None = None
+        self.rebalances = 0  # partitions revoked or lost so far (records in hand are stale)
+        self._last_poll = time.monotonic()  # when the consumer was last polled
+        self.health = Health(settings.worker.stall_after_s)
 
     # -- lifecycle -------------------------------------------------------
     def restore(self) -> StreamingModel:
@@ -152,12 +254,12 @@ class Worker:
                     self.apply(records, dlq)
                 self.commit_published()
                 due = time.monotonic() - last_publish >= wcfg.publish_interval_ms / 1000.0
-                if self.dirty and due and not self.publisher.busy():
+                if self.dirty and due and not self.publisher.busy() and self.still_member():
                     self.checkpoint(dlq)
                     last_publish = time.monotonic()
             # Shutdown: let the version in flight land, publish the rest, commit.
             self.publisher.wait_idle()
-            if self.dirty:
+            if self.dirty and self.still_member():
                 self.checkpoint(dlq)
                 self.publisher.wait_idle()
             self.commit_published()
@@ -187,11 +289,62 @@ class Worker:
         return all(self.offsets.get(p, self.bounds.start.get(p, 0)) >= end
                    for p, end in self.bounds.stop.items())
 
+    def still_member(self) -> bool:
+        """May the worker publish what it holds? Not after overrunning the poll interval.
+
+        A batch that took longer than ``max_poll_interval_ms`` got this member
+        evicted: its partitions may already be someone else's, who starts from
+        the committed (= published) offsets. Publishing the batch would then
+        apply its events twice across the group. The next poll rejoins, the
+        rebalance rewinds to the published version, and the events are read
+        again by whoever owns them now.
+        """
+        if self.bounds is not None:
+            return True
+        overran = time.monotonic() - self._last_poll > self.kafka.max_poll_interval_ms / 1000.0
+        if overran:
+            log.warning("batch overran max_poll_interval_ms: not publishing before rejoining")
+        return not overran
+
+    def rewind_to_published(self) -> None:
+        """On losing partitions, drop what was learnt since the newest durable version.
+
+        Unpublished events may come from partitions that now belong to another
+        member, which will read them from the committed offsets; keeping them
+        would put them in a later version as well. The worker returns to its
+        own last published version (model, offsets, counts) and the assignment
+        that follows seeks every partition to that version's offsets.
+        """
+        self.rebalances += 1
+        if self.publisher is None or self.model is None:
+            return
+        self.publisher.wait_idle()
+        published = self.publisher.parent
+        target = dict(published.offsets.get(self.kafka.topic, {})) if published else {}
+        if target == self.offsets:
+            return  # nothing learnt since the last durable version
+        log.warning("rebalance: discarding events learnt after version %s (offsets %s -> %s)",
+                    published.version if published else None, self.offsets, target)
+        device = self.settings.worker.device
+        snapshot = self.store.load(published.version) if published else None
+        if snapshot is None:
+            self.model = StreamingModel(self.settings.model, device=device)
+            self.watermark, self.events = None, 0
+        else:
+            self.model = StreamingModel.from_state(snapshot.state, device=device)
+            self.watermark = snapshot.manifest.watermark
+            self.events = int(snapshot.manifest.counts.get("events", 0))
+        self.offsets = target
+        self._changed_users.clear()
+        self._changed_items.clear()
+        self.dirty = False
+
     # -- the loop's steps ------------------------------------------------
     def poll_batch(self, max_events: int, max_ms: int) -> list[Any]:
         """Records up to ``max_events``, waiting at most ``max_ms`` after the first arrives."""
         records: list[Any] = []
         deadline: float | None = None
+        generation = self.rebalances
         while len(records) < max_events and not self.stop_requested.is_set():
             if deadline is None:
                 timeout = FIRST_RECORD_WAIT_MS
@@ -200,9 +353,18 @@ class Worker:
                 if timeout <= 0:
                     break
             got = self.consumer.poll(timeout_ms=timeout, max_records=max_events - len(records))
+            self._last_poll = time.monotonic()
             self.metrics.polled()
+            self.health.polled(self.consumer, bool(got))
+            if self.rebalances != generation:
+                # The rebalance rewound to the published offsets and seeks there:
+                # records in hand will be delivered again, so keeping them would
+                # apply them twice.
+                records.clear()
+                deadline = None
+                generation = self.rebalances
             for recs in got.values():
-                records.extend(recs)
+                records.extend(r for r in recs if r.offset >= self.offsets.get(r.partition, 0))
             if records and deadline is None:
                 deadline = time.monotonic() + max_ms / 1000.0
             if not got and deadline is None:
@@ -226,6 +388,7 @@ class Worker:
             self.metrics.dead_letters.labels(dead_letter_reason_label(err.reason)).inc()
         if oks:
             self.learn(oks)
+        failpoint("in_batch")  # learnt, offsets not yet advanced
         for rec in records:
             if rec.offset + 1 > self.offsets.get(rec.partition, -1):
                 self.offsets[rec.partition] = rec.offset + 1
@@ -292,15 +455,22 @@ class Worker:
         self.metrics.version.set(last.version)
         self.metrics.users.set(last.counts["users"])
         self.metrics.items.set(last.counts["items"])
+        failpoint("before_commit")  # durable version, offsets not yet committed
         self.commit(last.offsets.get(self.kafka.topic, {}))
 
     def commit(self, offsets: dict[int, int]) -> None:
         if self.bounds is not None:
             return  # a bounded run has no group: its snapshot alone records progress
+        # Only partitions this member owns: committing a lost partition's older
+        # offset would move its new owner's committed position backwards.
+        owned = {tp.partition for tp in self.consumer.assignment()}
         to_commit = {TopicPartition(self.kafka.topic, p): OffsetAndMetadata(o, "", -1)
-                     for p, o in offsets.items()}
+                     for p, o in offsets.items() if p in owned}
+        if not to_commit:
+            return
         try:
             self.consumer.commit(to_commit)
+            self.health.committed()
         except (CommitFailedError, KafkaError) as exc:
             # The snapshot already holds these offsets; a failed commit only
             # means a restart will seek from the snapshot instead.
@@ -311,7 +481,5 @@ def run_worker(settings: Settings) -> int:
     worker = Worker(settings)
     worker.install_signal_handlers()
     if settings.worker.metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(settings.worker.metrics_port, registry=worker.metrics.registry)
+        serve_health(worker, settings.worker.metrics_port)
     return worker.run()

@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from stream_rec.faults import failpoint
 from stream_rec.model import ModelState
 from stream_rec.snapshot.delta import StateDelta
 from stream_rec.snapshot.store import Manifest, SnapshotStore
@@ -128,4 +129,5 @@ class Publisher:
                 parent=self.parent.version if self.parent else None)
             self.full_at = manifest.created_at
         self.parent = manifest
+        failpoint("after_publish")  # durable and LATEST moved; offsets not yet committed
         self._done.put(manifest)

@@ -34,6 +34,7 @@ from fsspec.implementations.local import LocalFileSystem
 import numpy as np
 import orjson
 
+from stream_rec.faults import failpoint
 from stream_rec.model import ModelState
 from stream_rec.snapshot.delta import StateDelta, apply_delta
 
@@ -374,6 +375,7 @@ class SnapshotStore:
             for name, pieces in chunks.items():
                 self.fs.pipe_file(f"{tmp}/{name}", b"".join(pieces))
             self.fs.mv(tmp, final, recursive=True)
+        failpoint("after_rename")  # the version is in place, LATEST not yet moved
         self._set_latest(manifest.version)
         self.prune()
         return manifest
@@ -384,6 +386,7 @@ class SnapshotStore:
             with open(os.path.join(tmp, name), "wb") as fh:
                 for piece in pieces:
                     fh.write(piece)
+                    failpoint("during_write")  # a version half serialised to disk
                 fh.flush()
                 os.fsync(fh.fileno())
         _fsync_dir(tmp)
