@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -75,3 +76,37 @@ def ensure_topics(cfg: KafkaSettings, topics: list[str], partitions: int = 4) ->
             log.info("created topics %s", [t.name for t in missing])
     finally:
         admin.close()
+
+
+def end_offsets(cfg: KafkaSettings, topic: str, settle_ms: int = 300) -> dict[int, int]:
+    """The next offset to be written in each partition of ``topic``, as of now.
+
+    ``KafkaConsumer.end_offsets`` is the broker's answer; some Kafka-compatible
+    brokers (the local one among them) answer with the first offset of the last
+    record batch rather than the high watermark. So each partition is also read
+    from that answer onwards, briefly, and the true end is the offset after the
+    last record found there.
+    """
+    from kafka import TopicPartition
+
+    consumer = make_consumer(cfg, None)
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic)
+                                                          or ())]
+        if not parts:
+            return {}
+        reported = consumer.end_offsets(parts)
+        out = {tp.partition: int(off) for tp, off in reported.items()}
+        consumer.assign(parts)
+        for tp in parts:
+            consumer.seek(tp, out[tp.partition])
+        deadline = time.monotonic() + settle_ms / 1000.0
+        while time.monotonic() < deadline:
+            got = consumer.poll(timeout_ms=100, max_records=10_000)
+            if not got:
+                break
+            for tp, records in got.items():
+                out[tp.partition] = max(out[tp.partition], records[-1].offset + 1)
+        return out
+    finally:
+        consumer.close()

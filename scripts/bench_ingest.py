@@ -1,0 +1,135 @@
+"""Worker throughput against the limit: raw kafka-python consumption + JSON decoding.
+
+One run, one broker, the same messages: first a bare kafka-python consumer reads
+and decodes every message (the most any consumer in this process can do), then
+the worker consumes, validates, trains, and publishes versions over the same
+range (a bounded run into a fresh store). Reports both rates and their ratio,
+for each micro-batch size asked for, and a cProfile of the worker's top costs.
+
+    python scripts/bench_ingest.py            # 200 000 events, batch sizes 250/1000/4000
+    python scripts/bench_ingest.py --quick    # 40 000 events, batch 1000
+
+Last line: JSON with ``worker_events_per_s``, ``raw_events_per_s``, ``ratio``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import tempfile
+import time
+import uuid
+
+import orjson
+from benchlib import broker, ml100k_events, plot, produce_bulk, write_result
+from kafka import TopicPartition
+
+from stream_rec.ingest.kafka import end_offsets, make_consumer
+from stream_rec.settings import Settings
+from stream_rec.snapshot import SnapshotStore
+from stream_rec.worker import Bounds, Worker
+
+
+def raw_rate(settings: Settings, n: int) -> float:
+    """Events/s of kafka-python consuming and JSON-decoding ``n`` messages."""
+    cfg = settings.kafka
+    t0 = time.perf_counter()
+    consumer = make_consumer(cfg, None)
+    parts = [TopicPartition(cfg.topic, p) for p in consumer.partitions_for_topic(cfg.topic)]
+    consumer.assign(parts)
+    consumer.seek_to_beginning()
+    seen = 0
+    while seen < n:
+        for records in consumer.poll(timeout_ms=500, max_records=5000).values():
+            for rec in records:
+                orjson.loads(rec.value)
+            seen += len(records)
+    elapsed = time.perf_counter() - t0
+    consumer.close()
+    return n / elapsed
+
+
+def worker_rate(settings: Settings, n: int, profile: bool = False) -> tuple[float, str]:
+    """Events/s of a bounded worker run over the whole topic into a fresh store."""
+    cfg = settings.kafka
+    end = end_offsets(cfg, cfg.topic)
+    store = SnapshotStore(tempfile.mkdtemp(prefix="bench-ingest-"))
+    worker = Worker(settings, store, bounds=Bounds(start={p: 0 for p in end}, stop=end))
+    prof = cProfile.Profile() if profile else None
+    t0 = time.perf_counter()
+    if prof:
+        prof.enable()
+    worker.run()
+    if prof:
+        prof.disable()
+    elapsed = time.perf_counter() - t0
+    assert worker.events == n, f"worker applied {worker.events} of {n} events"
+    text = ""
+    if prof:
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(15)
+        text = buf.getvalue()
+    return n / elapsed, text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a short run (under a minute)")
+    ap.add_argument("--events", type=int, default=None)
+    ap.add_argument("--batch-sizes", default=None, help="comma-separated micro-batch sizes")
+    ap.add_argument("--bootstrap", default=None, help="external broker (default: local)")
+    ap.add_argument("--profile", action="store_true", help="print the worker's top costs")
+    args = ap.parse_args()
+    n = args.events or (40_000 if args.quick else 200_000)
+    sizes = [int(s) for s in (args.batch_sizes or ("1000" if args.quick else "250,1000,4000"))
+             .split(",")]
+
+    with broker(args.bootstrap) as bootstrap:
+        settings = Settings()
+        settings.kafka.bootstrap = bootstrap
+        settings.kafka.topic = f"bench-ingest-{uuid.uuid4().hex[:8]}"
+        settings.worker.device = "cpu"
+        print(f"producing {n} events to {settings.kafka.topic}…", flush=True)
+        produce_bulk(settings.kafka, ml100k_events(n))
+        raw = raw_rate(settings, n)
+        print(f"raw kafka-python consume + JSON decode: {raw:,.0f} events/s", flush=True)
+        rows = []
+        profile_text = ""
+        for size in sizes:
+            settings.worker.batch_max_events = size
+            rate, text = worker_rate(settings, n, profile=args.profile and size == 1000)
+            profile_text = profile_text or text
+            rows.append({"batch_max_events": size, "worker_events_per_s": round(rate),
+                         "ratio": round(rate / raw, 3)})
+            print(f"worker, micro-batch {size:5d}: {rate:,.0f} events/s "
+                  f"(ratio {rate / raw:.2f})", flush=True)
+        raw_after = raw_rate(settings, n)  # the limit again, to see drift within the run
+        print(f"raw again: {raw_after:,.0f} events/s", flush=True)
+    if profile_text:
+        print(profile_text)
+    default = next((r for r in rows if r["batch_max_events"] == 1000), rows[0])
+    raw_mean = (raw + raw_after) / 2
+    result = {"events": n, "raw_events_per_s": round(raw_mean),
+              "raw_before": round(raw), "raw_after": round(raw_after),
+              "worker_events_per_s": default["worker_events_per_s"],
+              "ratio": round(default["worker_events_per_s"] / raw_mean, 3),
+              "by_batch_size": rows}
+    if profile_text:
+        result["profile_top"] = profile_text.strip().splitlines()[:40]
+    if len(rows) > 1:
+        plot("ingest_by_batch_size.png", lambda ax: (
+            ax.plot([r["batch_max_events"] for r in rows],
+                    [r["worker_events_per_s"] for r in rows], "o-", label="worker"),
+            ax.axhline(raw_mean, color="gray", ls="--", label="raw consume + decode"),
+            ax.set_xscale("log"), ax.set_xlabel("micro-batch size (events)"),
+            ax.set_ylabel("events/s"), ax.set_title("Worker throughput vs micro-batch size"),
+            ax.legend()))
+    write_result("bench_ingest_quick" if args.quick else "bench_ingest", result)
+    print(json.dumps({k: v for k, v in result.items() if k != "profile_top"}))
+
+
+if __name__ == "__main__":
+    main()
