@@ -143,3 +143,32 @@ def test_serving_applies_deltas_over_the_version_it_holds(served) -> None:
     assert body["version"] == 2 and not body["fallback"]
     expect = model.state().recommend("u3", 3)
     assert [i["item_id"] for i in body["items"]] == [i for i, _ in expect]
+
+
+def test_batched_searches_answer_exactly_as_single_ones() -> None:
+    import threading
+
+    from stream_rec.serving.batcher import SearchBatcher
+
+    rng = np.random.default_rng(2)
+    vecs = rng.normal(size=(5000, 16)).astype(np.float32)
+    idx = ItemIndex.build(vecs)
+    queries = rng.normal(size=(200, 16)).astype(np.float32)
+    excludes = [rng.choice(5000, rng.integers(0, 30), replace=False) for _ in range(200)]
+    want = [idx.search(q[None, :], 1 + i % 12, [e])[0]
+            for i, (q, e) in enumerate(zip(queries, excludes))]
+    batcher = SearchBatcher(max_batch=32)
+    got: list = [None] * 200
+
+    def client(lo: int) -> None:
+        for i in range(lo, 200, 8):
+            got[i] = batcher.search(idx, queries[i], 1 + i % 12, excludes[i]).result(10)
+
+    threads = [threading.Thread(target=client, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    batcher.close()
+    assert [[r for r, _ in g] for g in got] == [[r for r, _ in w] for w in want]
+    assert batcher.searched == 200 and batcher.batches <= 200

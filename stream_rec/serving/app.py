@@ -5,6 +5,7 @@ from that state, so a swap in the middle of a request cannot mix versions.
 """
 
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -17,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from stream_rec.index import set_search_threads
 from stream_rec.metrics import ServingMetrics
+from stream_rec.serving.batcher import SearchBatcher
 from stream_rec.serving.state import ServingState, SnapshotWatcher
 from stream_rec.settings import ServeSettings
 from stream_rec.snapshot import SnapshotStore
@@ -36,16 +38,20 @@ def create_app(store: SnapshotStore, cfg: ServeSettings | None = None,
                               index_kind=cfg.index, nprobe=cfg.nprobe)
     KParam = Annotated[int, Query(ge=1, le=cfg.max_k, description="number of items")]
 
+    batcher = SearchBatcher(cfg.max_batch)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if watch:
             watcher.start()
         yield
         watcher.stop()
+        batcher.close()
 
     app = FastAPI(title="stream-rec", version="0.1.0", lifespan=lifespan)
     app.state.watcher = watcher
     app.state.metrics = metrics
+    app.state.batcher = batcher
 
     def ready() -> ServingState:
         current = watcher.current
@@ -64,12 +70,18 @@ def create_app(store: SnapshotStore, cfg: ServeSettings | None = None,
         return response
 
     @app.get("/recommend/{user_id}")
-    def recommend(user_id: IdParam, k: KParam = cfg.default_k) -> dict[str, Any]:
+    async def recommend(user_id: IdParam, k: KParam = cfg.default_k) -> dict[str, Any]:
         """Top-k unseen items for a user; unknown users get recently popular items."""
         current = ready()
-        rec = current.recommend(user_id, k)
-        return {"user_id": user_id, **current.meta(), "fallback": rec.fallback,
-                "items": [{"item_id": i, "score": s} for i, s in rec.items]}
+        planned = current.plan(user_id)
+        if planned is None:
+            items, fallback = current.popular(k), True
+        else:
+            query, exclude = planned
+            hits = await asyncio.wrap_future(batcher.search(current.index, query, k, exclude))
+            items, fallback = current.named(hits), False
+        return {"user_id": user_id, **current.meta(), "fallback": fallback,
+                "items": [{"item_id": i, "score": s} for i, s in items]}
 
     @app.get("/similar/{item_id}")
     def similar(item_id: IdParam, k: KParam = cfg.default_k) -> dict[str, Any]:

@@ -62,15 +62,25 @@ class ServingState:
     def meta(self) -> dict[str, Any]:
         return {"version": self.manifest.version, "watermark": self.manifest.watermark}
 
-    def recommend(self, user_id: str, k: int) -> Recommendation:
-        """Top-``k`` unseen items for ``user_id``; recently popular items if unknown."""
+    def plan(self, user_id: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """The search a user's answer needs: (query (D,), item rows to exclude); None if unknown."""
         row = self.state.user_row(user_id)
         if row is None:
+            return None
+        query = self.state.query(np.array([row], dtype=np.int64))[0]
+        return query, np.asarray(self.state.seen(row), dtype=np.int64)
+
+    def named(self, hits: list[tuple[int, float]]) -> list[tuple[str, float]]:
+        return [(self.state.item_ids[r], s) for r, s in hits]
+
+    def recommend(self, user_id: str, k: int) -> Recommendation:
+        """Top-``k`` unseen items for ``user_id``; recently popular items if unknown."""
+        planned = self.plan(user_id)
+        if planned is None:
             return Recommendation(self.popular(k), fallback=True)
-        query = self.state.query(np.array([row], dtype=np.int64))
-        hits = self.index.search(query, k, [np.asarray(self.state.seen(row), dtype=np.int64)])[0]
-        items = [(self.state.item_ids[r], s) for r, s in hits]
-        return Recommendation(items, fallback=False)
+        query, exclude = planned
+        hits = self.index.search(query[None, :], k, [exclude])[0]
+        return Recommendation(self.named(hits), fallback=False)
 
     def popular(self, k: int) -> list[tuple[str, float]]:
         rows = self.state.popular(k)
