@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -54,11 +55,14 @@ def settings_for(args: argparse.Namespace) -> Any:
 
 def emit(args: argparse.Namespace, data: Any, text: str | list[str]) -> None:
     """Print ``data`` as JSON with ``--json``, else the human-readable ``text``."""
-    if getattr(args, "json", False):
-        print(json.dumps(data, indent=2, sort_keys=True, default=str))
-    else:
-        print(text if isinstance(text, str) else "\n".join(text))
-    sys.stdout.flush()
+    out = json.dumps(data, indent=2, sort_keys=True, default=str) \
+        if getattr(args, "json", False) else text if isinstance(text, str) else "\n".join(text)
+    try:
+        print(out)
+        sys.stdout.flush()
+    except BrokenPipeError:  # piped into head & co: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def parse_time(text: str) -> int:
