@@ -73,9 +73,14 @@ def test_unknown_user_gets_popular(trained: StreamingModel) -> None:
     assert [i for i, _ in st.recommend("nobody", 5)] == [i for i, _ in rec]
 
 
-def test_state_round_trip_continues_bitwise() -> None:
+@pytest.mark.parametrize("extra", [
+    {},
+    {"tied": False, "transition": True, "mask_seen": False, "pop_weight": 0.3},
+    {"inbatch_negatives": 64, "use_user_vector": False, "ttl_ms": 3_000, "admit_after": 2},
+])
+def test_state_round_trip_continues_bitwise(extra: dict) -> None:
     users, items, ts = _events(2400)
-    cfg = ModelConfig(**SMALL, seed=3)
+    cfg = ModelConfig(**SMALL, seed=3, **extra)
     a = StreamingModel(cfg, device="cpu")
     _feed(a, users[:1200], items[:1200], ts[:1200])
     b = StreamingModel.from_state(a.state(), device="cpu")

@@ -23,13 +23,26 @@ class ModelConfig(BaseModel):
     ttl_ms: int = Field(0, ge=0, description="0 = off; else ids idle this long (event time) expire")
 
     # slow path: sampled-softmax gradient steps per micro-batch
-    lr: float = Field(0.03, gt=0, description="row-wise Adagrad learning rate")
+    lr: float = Field(0.05, gt=0, description="row-wise Adagrad learning rate")
     acc_decay: float = Field(1.0, gt=0, le=1, description="1 = Adagrad; <1 = RMSprop-style decay "
                              "of the touched rows' squared-gradient sums (keeps adapting)")
     steps: int = Field(2, ge=1, description="gradient steps per micro-batch")
-    negatives: int = Field(512, ge=0, description="uniform item negatives per step (plus in-batch)")
+    negatives: int = Field(128, ge=0, description="uniform item negatives per step (plus in-batch)")
+    inbatch_negatives: int = Field(0, ge=0, description="0 = every in-batch target is a "
+                                   "candidate for every event; else this many targets drawn from "
+                                   "the step as shared negatives (cost N x (this + negatives))")
     replay: int = Field(2000, ge=0, description="recent events kept for replay")
     replay_per_step: int = Field(500, ge=0, description="replayed events mixed into each step")
+    mask_history: bool = Field(True, description="in training, do not push down candidates that "
+                               "are in the event's history (serving excludes seen items anyway)")
+    mask_seen: bool = Field(True, description="like mask_history but over the user's whole seen "
+                            "set (slower)")
+    logq: float = Field(0.0, ge=0, description="weight of the sampling-probability correction "
+                        "(log expected candidate count) subtracted from the logits")
+    transition: bool = Field(False, description="add last_item_in @ M (D, D) to the query: "
+                             "a learned directional next-item transition")
+    tied: bool = Field(True, description="one item table for history (input) and target (output)")
+    scale: float = Field(0.5, gt=0, description="multiplies the query (logit temperature)")
     init_std: float = Field(0.05, gt=0)
     l2: float = Field(0.0, ge=0, description="L2 on the gathered rows, per step")
     recency: float = Field(0.6, gt=0, description="initial weight of history slot h is recency**h")
@@ -42,4 +55,8 @@ class ModelConfig(BaseModel):
 
     # fast path: decayed popularity folded into the item vector's extra column
     pop_half_life_ms: int = Field(86_400_000, gt=0, description="half-life of the popularity term")
-    pop_weight: float = Field(0.3, description="weight of log decayed popularity in the score")
+    pop_weight: float = Field(0.0, description="weight of log decayed popularity in the score")
+    count_penalty: float = Field(0.0, description="serving subtracts this times log(1 + events) "
+                                 "of the item (demotes items the softmax over-rewards)")
+    serve_pop_shift: float = Field(0.0, description="added to pop_weight when serving only "
+                                   "(negative = demote popular items)")

@@ -92,8 +92,11 @@ class ModelState:
         wts = pos_w[np.arange(hist.shape[1])[None, :], bucket] * mask  # (B, H)
         emb = item_in[np.where(mask, hist, 0)]                         # (B, H, D)
         q = np.einsum("bhd,bh->bd", emb, wts).astype(np.float32)
+        if self.config.get("transition", False):
+            q = q + (emb[:, 0] * mask[:, :1]) @ t["global.transition"]
         if self.config.get("use_user_vector", True):
             q = q + t["user.vec"][rows]
+        q = q * np.float32(self.config.get("scale", 1.0))
         out = np.ones((len(rows), q.shape[1] + 1), dtype=np.float32)
         out[:, :-1] = q
         return out

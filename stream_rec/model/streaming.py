@@ -105,6 +105,8 @@ class StreamingModel:
         self._acc_b = torch.zeros(cap_i, **f32)
         self._pos_w = torch.from_numpy(self._initial_pos_w()).to(self.device)
         self._pos_acc = torch.zeros(H, self._n_buckets, **f32)
+        self._M = torch.zeros(D, D, **f32)
+        self._M_acc = torch.zeros(D, D, **f32)
         # fast-path state (host)
         self._hist = np.full((cap_u, H), -1, dtype=np.int64)
         self._hist_ts = np.zeros((cap_u, H), dtype=np.int64)
@@ -295,6 +297,8 @@ class StreamingModel:
             r = torch.as_tensor(rows, device=self.device)
             self._Ein[r] = torch.from_numpy(init[0]).to(self.device)
             self._Eout[r] = torch.from_numpy(init[1]).to(self.device)
+            if self.cfg.tied:
+                self._Ein[r] = self._Eout[r]
             for t in (self._B, self._acc_in, self._acc_out, self._acc_b):
                 t[r] = 0.0
 
@@ -386,16 +390,39 @@ class StreamingModel:
                 np.zeros(0, dtype=np.int64)
             if len(neg):
                 neg = neg[np.isfinite(pop[neg])]
+            shared = None
+            if c.inbatch_negatives > 0:
+                neg = np.concatenate([rng.choice(bi, size=c.inbatch_negatives), neg])
             cand, label = _unique_inverse(np.concatenate([bi, neg]), live_items)
             label = label[: len(bi)]
+            if c.inbatch_negatives > 0:
+                shared = np.unique(np.searchsorted(cand, neg))
             uu, u_inv = _unique_inverse(bu, self.n_users)
             # history slots: -1 (empty) maps to a zero row 0, item r to r + 1
             hh, h_inv = _unique_inverse(bh.reshape(-1) + 1, live_items + 1)
             has_pad = bool(len(hh) and hh[0] == 0)
             hrows = (hh[1:] if has_pad else hh) - 1
             slot_w = (np.arange(bh.shape[1])[None, :] * self._n_buckets + bb).reshape(-1)
+            mask = None
+            if c.mask_seen:
+                uniq_u, first = np.unique(bu, return_index=True)
+                seen_arr = {int(x): np.fromiter(self._seen[x], np.int64, len(self._seen[x]))
+                            for x in uniq_u}
+                lens = np.array([len(seen_arr[int(x)]) for x in bu])
+                flat_items = np.concatenate([seen_arr[int(x)] for x in bu]) if len(bu) else \
+                    np.zeros(0, np.int64)
+                ev = np.repeat(np.arange(len(bu)), lens)
+                pos = np.minimum(np.searchsorted(cand, flat_items), len(cand) - 1)
+                hit = (cand[pos] == flat_items) & (pos != label[ev])
+                mask = (ev[hit], pos[hit])
+            elif c.mask_history:
+                # (event, candidate) pairs where the candidate is already in the history
+                pos = np.minimum(np.searchsorted(cand, bh), len(cand) - 1)
+                hit = (cand[pos] == bh) & (pos != label[:, None])
+                ev = np.broadcast_to(np.arange(len(bh))[:, None], bh.shape)
+                mask = (ev[hit], pos[hit])
             self._sgd_step(uu, u_inv, hrows, h_inv, has_pad, bh.shape, slot_w, cand, label, bw,
-                           pop)
+                           pop, mask, shared)
             touched_u.append(uu)
             touched_i.extend([cand, hrows])
         del dev
@@ -404,15 +431,30 @@ class StreamingModel:
     def _sgd_step(self, uu: np.ndarray, u_inv: np.ndarray, hrows: np.ndarray,
                   h_inv: np.ndarray, has_pad: bool, hshape: tuple[int, int],
                   slot_w: np.ndarray, cand: np.ndarray,
-                  label: np.ndarray, bw: np.ndarray, pop: np.ndarray) -> None:
+                  label: np.ndarray, bw: np.ndarray, pop: np.ndarray,
+                  mask: tuple[np.ndarray, np.ndarray] | None = None,
+                  shared: np.ndarray | None = None) -> None:
+        """One sampled-softmax step on N events over candidate rows ``cand`` (C,).
+
+        ``shared`` (K,) indexes the candidates used as negatives for every event
+        (the event's own target is scored separately); ``None`` scores all C.
+        ``mask`` = (event, candidate) pairs excluded from the softmax.
+        """
         c = self.cfg
         dev = self.device
         t_uu = torch.as_tensor(uu, device=dev)
         t_hr = torch.as_tensor(hrows, device=dev)
         t_c = torch.as_tensor(cand, device=dev)
         U = self._U[t_uu].requires_grad_(c.use_user_vector)
-        Ei = self._Ein[t_hr].requires_grad_(True)
-        Eo = self._Eout[t_c].requires_grad_(True)
+        if c.tied:
+            rows = np.union1d(hrows, cand)
+            t_r = torch.as_tensor(rows, device=dev)
+            Er = self._Eout[t_r].requires_grad_(True)
+            Ei = Er[torch.as_tensor(np.searchsorted(rows, hrows), device=dev)]
+            Eo = Er[torch.as_tensor(np.searchsorted(rows, cand), device=dev)]
+        else:
+            Ei = self._Ein[t_hr].requires_grad_(True)
+            Eo = self._Eout[t_c].requires_grad_(True)
         Bc = self._B[t_c].requires_grad_(True)
         pw = self._pos_w.clone().requires_grad_(True)
         # weighted sum of history input embeddings, one bag per event (N, D)
@@ -427,22 +469,63 @@ class StreamingModel:
         offsets = torch.arange(0, N * H, H, device=dev)
         q = torch.nn.functional.embedding_bag(idx, Ei_full, offsets, mode="sum",
                                               per_sample_weights=psw)
+        if c.transition:
+            Mv = self._M.clone().requires_grad_(True)
+            last = idx.view(N, H)[:, 0]
+            q = q + Ei_full[last] @ Mv
         if c.use_user_vector:
             q = q + U[torch.as_tensor(u_inv, device=dev)]
         pc = pop[cand]
-        prior = torch.as_tensor((c.pop_weight * (pc - pc.max())).astype(np.float32), device=dev)
-        logits = q @ Eo.T + (Bc + prior)                                # (N, C)
-        ce = torch.nn.functional.cross_entropy(
-            logits, torch.as_tensor(label, device=dev), reduction="none")
+        prior_np = c.pop_weight * (pc - pc.max())
+        if c.logq > 0:
+            expected = np.bincount(label, minlength=len(cand)) + c.negatives / max(len(pop), 1)
+            prior_np = prior_np - c.logq * np.log(expected)
+        prior = torch.as_tensor(prior_np.astype(np.float32), device=dev)
+        qs = c.scale * q
+        t_label = torch.as_tensor(label, device=dev)
+        mrow = mcol = np.zeros(0, dtype=np.int64)
+        if shared is None:
+            logits = qs @ Eo.T + (Bc + prior)                                       # (N, C)
+            target = t_label
+            if mask is not None:
+                mrow, mcol = mask
+        else:
+            t_sh = torch.as_tensor(shared, device=dev)
+            pos = (qs * Eo[t_label]).sum(1) + (Bc + prior)[t_label]               # (N,)
+            negl = qs @ Eo[t_sh].T + (Bc + prior)[t_sh]                            # (N, K)
+            logits = torch.cat([pos[:, None], negl], dim=1)                        # (N, 1 + K)
+            target = torch.zeros(len(label), dtype=torch.long, device=dev)
+            col = np.full(len(cand), -1, dtype=np.int64)
+            col[shared] = np.arange(1, len(shared) + 1)
+            hit_r = np.flatnonzero(col[label] > 0)                                 # accidental hits
+            mrow, mcol = hit_r, col[label[hit_r]]
+            if mask is not None and len(mask[0]):
+                keep = col[mask[1]] > 0
+                mrow = np.concatenate([mrow, mask[0][keep]])
+                mcol = np.concatenate([mcol, col[mask[1][keep]]])
+            mask = (mrow, mcol)
+        if len(mrow):
+            neg = torch.zeros(logits.shape, device=dev)
+            neg[torch.as_tensor(mrow, device=dev), torch.as_tensor(mcol, device=dev)] = -1e4
+            logits = logits + neg
+        ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
         loss = (ce * torch.as_tensor(bw, device=dev)).sum()
         if c.l2 > 0:
             loss = loss + c.l2 * (Ei.pow(2).sum() + Eo.pow(2).sum() + U.pow(2).sum())
-        params = [Ei, Eo, Bc, pw] + ([U] if c.use_user_vector else [])
-        grads = torch.autograd.grad(loss, params)
+        params = [Er, Er, Bc, pw] if c.tied else [Ei, Eo, Bc, pw]
+        params += [U] if c.use_user_vector else []
+        params += [Mv] if c.transition else []
+        grads = torch.autograd.grad(loss, params[1:] if c.tied else params)
+        if c.tied:
+            grads = (None,) + grads
         lr = c.lr
         with torch.no_grad():
-            _adagrad_rows(self._Ein, self._acc_in, t_hr, Ei, grads[0], lr, c.acc_decay)
-            _adagrad_rows(self._Eout, self._acc_out, t_c, Eo, grads[1], lr, c.acc_decay)
+            if c.tied:
+                _adagrad_rows(self._Eout, self._acc_out, t_r, Er, grads[1], lr, c.acc_decay)
+                self._Ein[t_r] = self._Eout[t_r]
+            else:
+                _adagrad_rows(self._Ein, self._acc_in, t_hr, Ei, grads[0], lr, c.acc_decay)
+                _adagrad_rows(self._Eout, self._acc_out, t_c, Eo, grads[1], lr, c.acc_decay)
             acc = c.acc_decay * self._acc_b[t_c] + grads[2].pow(2)
             self._acc_b[t_c] = acc
             self._B[t_c] = Bc.detach() - lr * grads[2] / (acc.sqrt() + 1e-8)
@@ -450,6 +533,10 @@ class StreamingModel:
             self._pos_w -= c.pos_lr_scale * lr * grads[3] / (self._pos_acc.sqrt() + 1e-8)
             if c.use_user_vector:
                 _adagrad_rows(self._U, self._U_acc, t_uu, U, grads[4], lr, c.acc_decay)
+            if c.transition:
+                g = grads[-1]
+                self._M_acc += g.pow(2)
+                self._M -= c.pos_lr_scale * lr * g / (self._M_acc.sqrt() + 1e-8)
 
     # ------------------------------------------------------------- serving
     def _user_query(self, rows: np.ndarray) -> torch.Tensor:
@@ -460,8 +547,11 @@ class StreamingModel:
         wts = self._pos_w[slots.expand_as(bucket), bucket] * (hist >= 0).to(torch.float32)
         emb = self._Ein[hist.clamp_min(0)]
         q = torch.einsum("bhd,bh->bd", emb, wts)
+        if self.cfg.transition:
+            q = q + (emb[:, 0] * (hist[:, :1] >= 0).to(torch.float32)) @ self._M
         if self.cfg.use_user_vector:
             q = q + self._U[torch.as_tensor(rows, device=self.device)]
+        q = q * self.cfg.scale
         return torch.cat([q, torch.ones(len(rows), 1, device=self.device)], dim=1)
 
     def _item_vectors(self) -> torch.Tensor:
@@ -469,7 +559,9 @@ class StreamingModel:
         n = self.n_items
         pop = np.where(np.isfinite(self._pop[:n]), self._pop[:n], 0.0)
         extra = self._B[:n] + torch.as_tensor(
-            (self.cfg.pop_weight * pop).astype(np.float32), device=self.device)
+            ((self.cfg.pop_weight + self.cfg.serve_pop_shift) * pop
+             - self.cfg.count_penalty * np.log1p(self._i_events[:n])).astype(np.float32),
+            device=self.device)
         return torch.cat([self._Eout[:n], extra[:, None]], dim=1)
 
     def score_user(self, user_id: str) -> np.ndarray | None:
@@ -548,6 +640,8 @@ class StreamingModel:
             "item.events": self._i_events[:ni].copy(),
             "global.pos_w": cpu(self._pos_w),
             "global.pos_acc": cpu(self._pos_acc),
+            "global.transition": cpu(self._M),
+            "global.transition_acc": cpu(self._M_acc),
             "global.step": np.array([self._step], dtype=np.int64),
             "global.t_ref": np.array([-1 if self._t_ref is None else self._t_ref], dtype=np.int64),
             "global.watermark": np.array(
@@ -600,6 +694,8 @@ class StreamingModel:
         m._i_events[:ni] = t["item.events"]
         m._pos_w = torch.from_numpy(t["global.pos_w"].copy()).to(dev)
         m._pos_acc = torch.from_numpy(t["global.pos_acc"].copy()).to(dev)
+        m._M = torch.from_numpy(t["global.transition"].copy()).to(dev)
+        m._M_acc = torch.from_numpy(t["global.transition_acc"].copy()).to(dev)
         m._step = int(t["global.step"][0])
         tr, wm = int(t["global.t_ref"][0]), int(t["global.watermark"][0])
         m._t_ref = None if tr < 0 and wm < 0 else tr
