@@ -90,6 +90,7 @@ class Health:
 
     def polled(self, consumer: Any, got_records: bool) -> None:
         now = time.monotonic()
+        self._log_transition(now)  # a poll blocked through the stall still reports it
         if got_records:
             self.last_records = self.last_contact = now
         heartbeat = getattr(getattr(consumer, "_coordinator", None), "heartbeat", None)
@@ -109,6 +110,11 @@ class Health:
         elif not stalled and self._reported:
             log.warning("broker answers again: resuming")
         self._reported = stalled
+
+    def check(self) -> tuple[bool, dict[str, Any]]:
+        """:meth:`status`, logging a stall the moment it is seen (from any thread)."""
+        self._log_transition(time.monotonic())
+        return self.status()
 
     def status(self) -> tuple[bool, dict[str, Any]]:
         """(healthy, details) for the health endpoint."""
@@ -138,7 +144,7 @@ def serve_health(worker: Worker, port: int, host: str = "0.0.0.0") -> Any:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             if self.path.split("?", 1)[0] == "/healthz":
-                ok, body = worker.health.status()
+                ok, body = worker.health.check()
                 data, ctype, code = json.dumps(body).encode(), "application/json", \
                     200 if ok else 503
             elif self.path.split("?", 1)[0] == "/metrics":
