@@ -16,6 +16,7 @@ import collections
 import itertools
 import json
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ def _stop(*procs: Any) -> None:
     for proc in procs:
         try:
             proc.wait(30)
-        except Exception:
+        except subprocess.TimeoutExpired:
             proc.kill()
 
 
@@ -375,3 +376,23 @@ def test_argument_errors_exit_2_with_one_line(kafka_cfg: KafkaSettings, tmp_path
             cli.main([*cmd, "--help"])
         assert exc.value.code == 0
         assert "example:" in capsys.readouterr().out
+
+
+def test_times_offsets_and_the_keeping_up_verdict() -> None:
+    from stream_rec.ops.common import parse_pairs, parse_time
+    from stream_rec.ops.status import verdict
+
+    assert parse_time("1700000000000") == 1_700_000_000_000
+    assert parse_time("2023-11-14T22:13:20Z") == 1_700_000_000_000
+    assert parse_time("2023-11-14T22:13:20") == 1_700_000_000_000  # naive = UTC
+    assert parse_time("2023-11-15T00:13:20+02:00") == 1_700_000_000_000
+    assert parse_pairs("0:120, 1:80", "--x") == {0: 120, 1: 80}
+    for bad in ("0:1,0:2", "0", "-1:5", "a:b"):
+        with pytest.raises(cli.UsageError):
+            parse_pairs(bad, "--x")
+    assert verdict(5, 0, 1.0, 0.25)[0] is True
+    assert verdict(50, 20, 1.0, 0.25)[0] is True
+    assert verdict(20, 50, 1.0, 0.25)[0] is False
+    assert verdict(50, 50, 600.0, 0.25)[0] is False
+    assert verdict(50, 50, 1.0, 0.25)[0] is True
+    assert verdict(None, None, None, 0.25)[0] is None

@@ -23,8 +23,17 @@ from typing import Any
 
 from kafka import TopicPartition
 
-from stream_rec.ops.common import add_command, add_group, emit, end_offsets, parse_pairs, read_range, \
-    settings_for, topic_partitions, usage_error
+from stream_rec.ops.common import (
+    add_command,
+    add_group,
+    emit,
+    end_offsets,
+    parse_pairs,
+    read_range,
+    settings_for,
+    topic_partitions,
+    usage_error,
+)
 
 log = logging.getLogger(__name__)
 

@@ -105,8 +105,7 @@ def resolve_range(consumer: Any, topic: str, from_offsets: str | None, from_time
             hit = found.get(tp)
             if hit is not None:
                 stop[tp.partition] = min(stop[tp.partition], hit.offset)
-    for p in stop:
-        stop[p] = max(stop[p], start[p])
+    stop = {p: max(o, start[p]) for p, o in stop.items()}
     return start, stop
 
 

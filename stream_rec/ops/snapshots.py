@@ -13,8 +13,16 @@ from typing import Any
 
 import numpy as np
 
-from stream_rec.ops.common import add_command, add_group, age_s, emit, fmt_age, open_store, \
-    settings_for, usage_error
+from stream_rec.ops.common import (
+    add_command,
+    add_group,
+    age_s,
+    emit,
+    fmt_age,
+    open_store,
+    settings_for,
+    usage_error,
+)
 
 EXAMPLE = ("stream-rec snapshots list --store data/snapshots\n"
            "  stream-rec snapshots pin 41 --store data/snapshots")
@@ -94,8 +102,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     store = _store(args)
     latest, pinned = store.latest_version(), store.pinned()
     rows = [_summary(store, v, latest, pinned) for v in reversed(store.versions())]
-    lines = [f"{'version':>8} {'kind':5} {'parent':>7} {'events':>9} {'watermark':>14} "
-             f"{'age':>6}  offsets"]
+    header = (f"{'version':>8} {'kind':5} {'parent':>7} {'events':>9} {'watermark':>14} "
+              f"{'age':>6}  offsets")
+    lines = [header]
     for r in rows:
         flags = ("*" if r["latest"] else "") + ("P" if r["pinned"] else "")
         if "error" in r:
@@ -103,8 +112,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             continue
         offs = ";".join(f"{t}:" + ",".join(f"{p}:{o}" for p, o in sorted(parts.items()))
                         for t, parts in r["offsets"].items())
-        lines.append(f"{r['version']:>7}{flags:1} {r['kind']:5} {str(r['parent']):>7} "
-                     f"{r['counts'].get('events', 0):>9} {str(r['watermark']):>14} "
+        lines.append(f"{r['version']:>7}{flags:1} {r['kind']:5} {r['parent']!s:>7} "
+                     f"{r['counts'].get('events', 0):>9} {r['watermark']!s:>14} "
                      f"{fmt_age(r['age_s']):>6}  {offs}")
     lines.append(f"(* latest = {latest}, P pinned = {pinned})")
     emit(args, {"store": store.url, "latest": latest, "pinned": pinned, "versions": rows}, lines)

@@ -13,8 +13,17 @@ import argparse
 import time
 from typing import Any
 
-from stream_rec.ops.common import add_command, age_s, emit, end_offsets, fmt_age, open_store, settings_for, \
-    topic_partitions, usage_error
+from stream_rec.ops.common import (
+    add_command,
+    age_s,
+    emit,
+    end_offsets,
+    fmt_age,
+    open_store,
+    settings_for,
+    topic_partitions,
+    usage_error,
+)
 
 EXAMPLE = "stream-rec status --bootstrap 127.0.0.1:9092 --store data/snapshots --sample 5"
 
