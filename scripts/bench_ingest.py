@@ -55,7 +55,10 @@ def raw_rate(settings: Settings, n: int) -> float:
 def worker_rate(settings: Settings, n: int, profile: bool = False) -> tuple[float, str]:
     """Events/s of a bounded worker run over the whole topic into a fresh store."""
     cfg = settings.kafka
-    end = end_offsets(cfg, cfg.topic)
+    probe = make_consumer(cfg, None)
+    parts = [TopicPartition(cfg.topic, p) for p in probe.partitions_for_topic(cfg.topic)]
+    end = {tp.partition: off for tp, off in end_offsets(probe, parts).items()}
+    probe.close()
     store = SnapshotStore(tempfile.mkdtemp(prefix="bench-ingest-"))
     worker = Worker(settings, store, bounds=Bounds(start={p: 0 for p in end}, stop=end))
     prof = cProfile.Profile() if profile else None

@@ -31,7 +31,7 @@ from stream_rec.broker import free_port, wait_for_port
 from stream_rec.events import DeadLetter, Origin, encode_event
 from stream_rec.ingest.dlq import DeadLetterWriter
 from stream_rec.ingest.kafka import ensure_topics, make_consumer, make_producer
-from stream_rec.ops.common import end_offsets
+from stream_rec.ingest.kafka import end_offsets
 from stream_rec.settings import KafkaSettings
 from stream_rec.snapshot import SnapshotStore
 from tests.conftest import env_for, spawn, wait_until

@@ -4,7 +4,6 @@ and retention never deletes a version that a kept chain needs."""
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings

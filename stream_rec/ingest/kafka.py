@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 
@@ -78,35 +78,35 @@ def ensure_topics(cfg: KafkaSettings, topics: list[str], partitions: int = 4) ->
         admin.close()
 
 
-def end_offsets(cfg: KafkaSettings, topic: str, settle_ms: int = 300) -> dict[int, int]:
-    """The next offset to be written in each partition of ``topic``, as of now.
+def end_offsets(consumer: Any, tps: list[TopicPartition], probe_s: float = 3.0
+                ) -> dict[TopicPartition, int]:
+    """Each partition's end offset (next offset to be written), checked by reading.
 
-    ``KafkaConsumer.end_offsets`` is the broker's answer; some Kafka-compatible
-    brokers (the local one among them) answer with the first offset of the last
-    record batch rather than the high watermark. So each partition is also read
-    from that answer onwards, briefly, and the true end is the offset after the
-    last record found there.
+    Some Kafka-compatible brokers (the local one among them) answer ListOffsets
+    with the base offset of the last record batch plus one, which undercounts
+    when a batch holds several records. So the reported end is confirmed by
+    reading from ``end - 1`` until nothing more arrives (at most ``probe_s``),
+    and the true end is the last offset read plus one. On a broker that reports
+    exact ends this only reads the newest record. Leaves nothing assigned.
     """
-    from kafka import TopicPartition
-
-    consumer = make_consumer(cfg, None)
-    try:
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic)
-                                                          or ())]
-        if not parts:
-            return {}
-        reported = consumer.end_offsets(parts)
-        out = {tp.partition: int(off) for tp, off in reported.items()}
-        consumer.assign(parts)
-        for tp in parts:
-            consumer.seek(tp, out[tp.partition])
-        deadline = time.monotonic() + settle_ms / 1000.0
-        while time.monotonic() < deadline:
-            got = consumer.poll(timeout_ms=100, max_records=10_000)
-            if not got:
-                break
-            for tp, records in got.items():
-                out[tp.partition] = max(out[tp.partition], records[-1].offset + 1)
-        return out
-    finally:
-        consumer.close()
+    ends = dict(consumer.end_offsets(tps))
+    begins = consumer.beginning_offsets(tps)
+    probe = [tp for tp in tps if ends[tp] > begins[tp]]
+    if not probe:
+        return ends
+    consumer.assign(probe)
+    for tp in probe:
+        consumer.seek(tp, ends[tp] - 1)
+    seen: set[TopicPartition] = set()
+    deadline = time.monotonic() + probe_s
+    while time.monotonic() < deadline:
+        got = consumer.poll(timeout_ms=300 if len(seen) == len(probe) else 1000,
+                            max_records=10_000)
+        if not got and len(seen) == len(probe):
+            break
+        for tp, recs in got.items():
+            if recs:
+                seen.add(tp)
+                ends[tp] = max(ends[tp], recs[-1].offset + 1)
+    consumer.unsubscribe()
+    return ends

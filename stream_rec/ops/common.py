@@ -130,40 +130,6 @@ def topic_partitions(consumer: Any, topic: str) -> list[TopicPartition]:
     return [TopicPartition(topic, p) for p in sorted(parts)]
 
 
-def end_offsets(consumer: Any, tps: list[TopicPartition], probe_s: float = 3.0
-                ) -> dict[TopicPartition, int]:
-    """Each partition's end offset (next offset to be written), checked by reading.
-
-    Some Kafka-compatible brokers (the local one among them) answer ListOffsets
-    with the base offset of the last record batch plus one, which undercounts
-    when a batch holds several records. So the reported end is confirmed by
-    reading from ``end - 1`` until nothing more arrives (at most ``probe_s``),
-    and the true end is the last offset read plus one. On a broker that reports
-    exact ends this only reads the newest record. Leaves nothing assigned.
-    """
-    ends = dict(consumer.end_offsets(tps))
-    begins = consumer.beginning_offsets(tps)
-    probe = [tp for tp in tps if ends[tp] > begins[tp]]
-    if not probe:
-        return ends
-    consumer.assign(probe)
-    for tp in probe:
-        consumer.seek(tp, ends[tp] - 1)
-    seen: set[TopicPartition] = set()
-    deadline = time.monotonic() + probe_s
-    while time.monotonic() < deadline:
-        got = consumer.poll(timeout_ms=300 if len(seen) == len(probe) else 1000,
-                            max_records=10_000)
-        if not got and len(seen) == len(probe):
-            break
-        for tp, recs in got.items():
-            if recs:
-                seen.add(tp)
-                ends[tp] = max(ends[tp], recs[-1].offset + 1)
-    consumer.unsubscribe()
-    return ends
-
-
 def read_range(consumer: Any, start: dict[TopicPartition, int],
                stop: dict[TopicPartition, int], idle_s: float = 10.0) -> Iterator[Any]:
     """Records of each partition in ``[start, stop)`` via manual assignment (no group).

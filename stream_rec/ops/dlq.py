@@ -23,11 +23,11 @@ from typing import Any
 
 from kafka import TopicPartition
 
+from stream_rec.ingest.kafka import end_offsets
 from stream_rec.ops.common import (
     add_command,
     add_group,
     emit,
-    end_offsets,
     parse_pairs,
     read_range,
     settings_for,

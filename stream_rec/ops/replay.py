@@ -23,10 +23,10 @@ from typing import Any
 import orjson
 from kafka import TopicPartition
 
+from stream_rec.ingest.kafka import end_offsets
 from stream_rec.ops.common import (
     add_command,
     emit,
-    end_offsets,
     open_store,
     parse_pairs,
     parse_time,

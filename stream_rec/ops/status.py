@@ -13,11 +13,11 @@ import argparse
 import time
 from typing import Any
 
+from stream_rec.ingest.kafka import end_offsets
 from stream_rec.ops.common import (
     add_command,
     age_s,
     emit,
-    end_offsets,
     fmt_age,
     open_store,
     settings_for,
