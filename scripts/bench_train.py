@@ -39,9 +39,13 @@ def main() -> int:
     ap.add_argument("--items", type=int, default=10_000)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                    help="override a ModelConfig field, e.g. --set steps=1")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = StreamingModel(ModelConfig(dim=args.dim), device=args.device)
+    overrides = {k: json.loads(v) for k, v in (x.split("=", 1) for x in args.set)}
+    cfg = ModelConfig(dim=args.dim, **overrides)
+    model = StreamingModel(cfg, device=args.device)
     n = args.batch_size * (args.batches + args.warmup_batches)
     users, items, ts = make_events(n, args.users, args.items)
     bs = args.batch_size
@@ -62,7 +66,7 @@ def main() -> int:
     out = {"events_per_s": args.batches * bs / dt, "dim": args.dim, "batch_size": bs,
            "device": str(model.device), "threads": torch.get_num_threads(),
            "batches": args.batches, "seconds": dt, "n_users": model.n_users,
-           "n_items": model.n_items}
+           "n_items": model.n_items, "overrides": overrides}
     print(json.dumps(out), flush=True)
     return 0
 

@@ -161,3 +161,18 @@ def test_click_changes_answer_immediately(trained: StreamingModel) -> None:
     trained.learn(["u3"], [top], np.array([10**13]))
     after = trained.recommend("u3", 10)
     assert top not in [i for i, _ in after]
+
+
+def test_callback_path_matches_batch_path() -> None:
+    """learn() with a per-event observer ends in exactly the same state as without."""
+    users, items, ts = _events(1200)
+    cfg = ModelConfig(**SMALL, pop_weight=0.3)
+    a, b = StreamingModel(cfg, device="cpu"), StreamingModel(cfg, device="cpu")
+    calls: list[int] = []
+    for s in range(0, 1200, 300):
+        a.learn(users[s:s + 300], items[s:s + 300], ts[s:s + 300])
+        b.learn(users[s:s + 300], items[s:s + 300], ts[s:s + 300], before_event=calls.append)
+    assert len(calls) == 1200
+    sa, sb = a.state(), b.state()
+    for k in sa.tables:
+        np.testing.assert_array_equal(sa.tables[k], sb.tables[k], err_msg=k)

@@ -199,8 +199,11 @@ class StreamingModel:
         if self._t_ref is None and n:
             self._t_ref = int(ts[0])
         users, items = self._users, self._items
-        lam = self._lam
-        t_ref = self._t_ref
+        live = before_event is not None
+        ex_j = np.empty(n, dtype=np.int64)
+        # log of each event's popularity mass, relative to t_ref (float64)
+        pop_x = (self._lam * (ts - (self._t_ref or 0)).astype(np.float64)
+                 + np.log(np.maximum(w_in.astype(np.float64), _EPS)))
         wm = self._watermark if self._watermark is not None else (int(ts[0]) if n else 0)
         for j in range(n):
             if before_event is not None:
@@ -233,14 +236,25 @@ class StreamingModel:
             hts[1:] = hts[:-1].copy()
             hts[0] = t
             self._seen[u].add(i)
-            self._u_events[u] += 1
-            self._i_events[i] += 1
-            self._u_last[u] = max(self._u_last[u], t)
-            self._i_last[i] = max(self._i_last[i], t)
-            x = lam * (t - t_ref) + math.log(max(float(w_in[j]), _EPS))
-            p = self._pop[i]
-            self._pop[i] = x if p == -math.inf else max(p, x) + math.log1p(math.exp(-abs(p - x)))
+            ex_j[m - 1] = j
+            if live:
+                # counters and popularity event by event, for a caller that looks in between
+                self._u_events[u] += 1
+                self._i_events[i] += 1
+                if t > self._u_last[u]:
+                    self._u_last[u] = t
+                if t > self._i_last[i]:
+                    self._i_last[i] = t
+                self._pop[i] = np.logaddexp(self._pop[i], pop_x[j])
         self._watermark = wm
+        if not live and m:
+            # same results as the per-event branch, applied in order by ufunc.at
+            np.add.at(self._u_events, ex_u[:m], 1)
+            np.add.at(self._i_events, ex_i[:m], 1)
+            tj = ts[ex_j[:m]]
+            np.maximum.at(self._u_last, ex_u[:m], tj)
+            np.maximum.at(self._i_last, ex_i[:m], tj)
+            np.logaddexp.at(self._pop, ex_i[:m], pop_x[ex_j[:m]])
         ex_u, ex_i, ex_w, ex_h = ex_u[:m], ex_i[:m], ex_w[:m], ex_h[:m]
         ex_b = self._buckets(ex_t[:m])
         all_items_changed = self._maybe_reanchor()
@@ -373,6 +387,7 @@ class StreamingModel:
         touched_u: list[np.ndarray] = []
         touched_i: list[np.ndarray] = []
         pop = self._pop[:live_items]
+        seen_cache: dict[int, np.ndarray] = {}
         for _ in range(c.steps):
             bu, bi, bh, bb, bw = u, i, h, b, w
             k = min(c.replay_per_step, self._rp_n)
@@ -405,13 +420,23 @@ class StreamingModel:
             slot_w = (np.arange(bh.shape[1])[None, :] * self._n_buckets + bb).reshape(-1)
             mask = None
             if c.mask_seen:
-                uniq_u, first = np.unique(bu, return_index=True)
-                seen_arr = {int(x): np.fromiter(self._seen[x], np.int64, len(self._seen[x]))
-                            for x in uniq_u}
-                lens = np.array([len(seen_arr[int(x)]) for x in bu])
-                flat_items = np.concatenate([seen_arr[int(x)] for x in bu]) if len(bu) else \
-                    np.zeros(0, np.int64)
+                # seen rows of each distinct user, then expanded to that user's events
+                uniq_u, u_pos = np.unique(bu, return_inverse=True)
+                arrs = []
+                for x in uniq_u.tolist():
+                    a = seen_cache.get(x)
+                    if a is None:
+                        sx = self._seen[x]
+                        a = seen_cache[x] = np.fromiter(sx, np.int64, len(sx))
+                    arrs.append(a)
+                ulen = np.fromiter((len(a) for a in arrs), np.int64, len(arrs))
+                ustart = np.concatenate([[0], np.cumsum(ulen)[:-1]]).astype(np.int64)
+                uflat = np.concatenate(arrs) if arrs else np.zeros(0, np.int64)
+                lens = ulen[u_pos]
                 ev = np.repeat(np.arange(len(bu)), lens)
+                # index of each (event, k) into uflat: start of its user + k
+                offs = np.arange(len(ev)) - np.repeat(np.cumsum(lens) - lens, lens)
+                flat_items = uflat[ustart[u_pos][ev] + offs]
                 pos = np.minimum(np.searchsorted(cand, flat_items), len(cand) - 1)
                 hit = (cand[pos] == flat_items) & (pos != label[ev])
                 mask = (ev[hit], pos[hit])
@@ -505,9 +530,10 @@ class StreamingModel:
                 mcol = np.concatenate([mcol, col[mask[1][keep]]])
             mask = (mrow, mcol)
         if len(mrow):
-            neg = torch.zeros(logits.shape, device=dev)
-            neg[torch.as_tensor(mrow, device=dev), torch.as_tensor(mcol, device=dev)] = -1e4
-            logits = logits + neg
+            # in place: the preceding add does not need its output for backward
+            logits.index_put_((torch.as_tensor(mrow, device=dev),
+                               torch.as_tensor(mcol, device=dev)),
+                              torch.tensor(-1e4, device=dev))
         ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
         loss = (ce * torch.as_tensor(bw, device=dev)).sum()
         if c.l2 > 0:
