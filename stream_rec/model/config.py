@@ -56,7 +56,3 @@ class ModelConfig(BaseModel):
     # fast path: decayed popularity folded into the item vector's extra column
     pop_half_life_ms: int = Field(86_400_000, gt=0, description="half-life of the popularity term")
     pop_weight: float = Field(0.0, description="weight of log decayed popularity in the score")
-    count_penalty: float = Field(0.0, description="serving subtracts this times log(1 + events) "
-                                 "of the item (demotes items the softmax over-rewards)")
-    serve_pop_shift: float = Field(0.0, description="added to pop_weight when serving only "
-                                   "(negative = demote popular items)")

@@ -585,9 +585,7 @@ class StreamingModel:
         n = self.n_items
         pop = np.where(np.isfinite(self._pop[:n]), self._pop[:n], 0.0)
         extra = self._B[:n] + torch.as_tensor(
-            ((self.cfg.pop_weight + self.cfg.serve_pop_shift) * pop
-             - self.cfg.count_penalty * np.log1p(self._i_events[:n])).astype(np.float32),
-            device=self.device)
+            (self.cfg.pop_weight * pop).astype(np.float32), device=self.device)
         return torch.cat([self._Eout[:n], extra[:, None]], dim=1)
 
     def score_user(self, user_id: str) -> np.ndarray | None:
