@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Path, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from stream_rec.index import set_search_threads
@@ -106,7 +106,7 @@ def create_app(store: SnapshotStore, cfg: ServeSettings | None = None,
         return JSONResponse({"ready": True, **current.meta(), "created_at": m.created_at,
                              "offsets": m.offsets, "counts": m.counts})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)  # documented as text, not JSON
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
