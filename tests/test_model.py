@@ -123,11 +123,16 @@ def test_admission_threshold() -> None:
 
 def test_ttl_expiry_frees_and_reuses_rows() -> None:
     m = StreamingModel(ModelConfig(dim=8, history=4, ttl_ms=1000), device="cpu")
-    m.learn(["old", "keep"], ["i_old", "i_keep"], np.array([0, 0]))
-    m.learn(["keep"], ["i_keep"], np.array([900]))
+    m.learn(["old", "keep", "both"], ["i_old", "i_keep", "i_old"], np.array([0, 0, 0]))
+    m.learn(["keep", "both"], ["i_keep", "i_keep"], np.array([900, 900]))
     old_u, old_i = m.user_row("old"), m.item_row("i_old")
+    both = m.user_row("both")
     ch = m.learn(["keep"], ["i_keep"], np.array([1500]))
     assert old_u in ch.users.tolist() and old_i in ch.items.tolist()
+    assert both in ch.users.tolist()          # its seen set and history lost i_old
+    st_both = m.state()
+    assert old_i not in st_both.seen(both).tolist()
+    assert old_i not in st_both.tables["user.hist"][both].tolist()
     st = m.state()
     assert st.user_ids[old_u] == "" and st.item_ids[old_i] == ""
     assert not st.tables["item.vectors"][old_i].any()
@@ -137,7 +142,7 @@ def test_ttl_expiry_frees_and_reuses_rows() -> None:
     # freed rows are reused by new ids
     m.learn(["new"], ["i_new"], np.array([1600]))
     assert m.user_row("new") == old_u and m.item_row("i_new") == old_i
-    assert m.n_users == 2 and m.n_items == 2
+    assert m.n_users == 3 and m.n_items == 2
     assert "i_old" not in [i for i, _ in m.recommend("keep", 5)]
 
 

@@ -124,6 +124,7 @@ class StreamingModel:
         self._rp_h = np.full((R, H), -1, dtype=np.int64)
         self._rp_b = np.zeros((R, H), dtype=np.int64)
         self._rp_n = 0      # filled entries
+        self._expiry_touched: list[int] = []   # users whose seen/history lost an expired item
         self._rp_pos = 0    # next write position
 
     # ------------------------------------------------------------------ sizes
@@ -266,7 +267,9 @@ class StreamingModel:
             ex_b = ex_b[keep]
             if len(exp_i):
                 ex_h[np.isin(ex_h, exp_i)] = -1
-        ch_u: list[np.ndarray] = [ex_u, exp_u, np.asarray(new_u, dtype=np.int64)]
+        ch_u: list[np.ndarray] = [ex_u, exp_u, np.asarray(new_u, dtype=np.int64),
+                                  np.asarray(self._expiry_touched, dtype=np.int64)]
+        self._expiry_touched = []
         ch_i: list[np.ndarray] = [ex_i, exp_i, np.asarray(new_i, dtype=np.int64)]
         if m:
             tu, ti = self._train(ex_u, ex_i, ex_h, ex_b, ex_w)
@@ -344,11 +347,14 @@ class StreamingModel:
             for r in exp_i.tolist():
                 self._items.release(r)
             gone = set(exp_i.tolist())
-            for s in self._seen:
+            for r, s in enumerate(self._seen):
                 if s and not s.isdisjoint(gone):
                     s -= gone
+                    self._expiry_touched.append(r)
             hist = self._hist[:nu]
-            hist[np.isin(hist, exp_i)] = -1
+            in_hist = np.isin(hist, exp_i)
+            hist[in_hist] = -1
+            self._expiry_touched.extend(np.flatnonzero(in_hist.any(axis=1)).tolist())
             self._i_last[exp_i] = 0
             self._i_events[exp_i] = 0
             self._pop[exp_i] = -np.inf
