@@ -173,8 +173,22 @@ class SnapshotStore:
         except FileNotFoundError:
             pass
 
+    def _check_inside(self, version: int, path: str) -> None:
+        """Refuse a version directory, or a file in it, that resolves out of the store.
+
+        A symlinked version directory (or manifest) would make the store serve,
+        and the worker restore, whatever lies at the other end.
+        """
+        if not self.local:
+            return
+        versions = os.path.realpath(self._join("versions"))
+        vdir = os.path.realpath(self.version_dir(version))
+        if os.path.dirname(vdir) != versions or os.path.dirname(os.path.realpath(path)) != vdir:
+            raise CorruptSnapshot(f"v{version} resolves outside the store")
+
     def read_manifest(self, version: int) -> Manifest:
         path = self.version_dir(version) + "/manifest.json"
+        self._check_inside(version, path)
         try:
             manifest = Manifest.from_json(self.fs.cat_file(path))
         except FileNotFoundError:
@@ -188,7 +202,8 @@ class SnapshotStore:
         if self.local:
             real = os.path.realpath(path)
             base = os.path.realpath(self.version_dir(version))
-            if os.path.dirname(real) != base:
+            if os.path.dirname(real) != base or \
+                    os.path.dirname(base) != os.path.realpath(self._join("versions")):
                 raise CorruptSnapshot(f"{name} in v{version} resolves outside its version")
         try:
             raw = self.fs.cat_file(path)
