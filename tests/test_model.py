@@ -168,10 +168,17 @@ def test_click_changes_answer_immediately(trained: StreamingModel) -> None:
     assert top not in [i for i, _ in after]
 
 
-def test_callback_path_matches_batch_path() -> None:
+@pytest.mark.parametrize("n_users, extra", [
+    (100, {}),
+    (7, {"admit_after": 2, "ttl_ms": 2_000}),   # many events per user per batch (> history)
+])
+def test_callback_path_matches_batch_path(n_users: int, extra: dict) -> None:
     """learn() with a per-event observer ends in exactly the same state as without."""
-    users, items, ts = _events(1200)
-    cfg = ModelConfig(**SMALL, pop_weight=0.3)
+    ev = list(itertools.islice(iter_synthetic(n_users=n_users, n_items=200), 1200))
+    users = [e["user_id"] for e in ev]
+    items = [e["item_id"] for e in ev]
+    ts = np.array([e["ts"] for e in ev], dtype=np.int64)
+    cfg = ModelConfig(**SMALL, pop_weight=0.3, **extra)
     a, b = StreamingModel(cfg, device="cpu"), StreamingModel(cfg, device="cpu")
     calls: list[int] = []
     for s in range(0, 1200, 300):

@@ -206,39 +206,42 @@ class StreamingModel:
         pop_x = (self._lam * (ts - (self._t_ref or 0)).astype(np.float64)
                  + np.log(np.maximum(w_in.astype(np.float64), _EPS)))
         wm = self._watermark if self._watermark is not None else (int(ts[0]) if n else 0)
-        for j in range(n):
-            if before_event is not None:
+        if not live:
+            m, wm = self._fast_path_bulk(user_ids, item_ids, ts, w_in, ex_u, ex_i, ex_w, ex_h,
+                                         ex_t, ex_j, new_u, new_i, wm)
+        else:
+            assert before_event is not None
+            for j in range(n):
                 before_event(j)
-            u, u_new = users.lookup(str(user_ids[j]))
-            i, i_new = items.lookup(str(item_ids[j]))
-            if u_new:
-                self._grow_users(u + 1)
-                new_u.append(u)
-                if u == len(self._seen):
-                    self._seen.append(set())
-            if i_new:
-                self._grow_items(i + 1)
-                new_i.append(i)
-            if u < 0 or i < 0:
-                continue
-            t = int(ts[j])
-            if t > wm:
-                wm = t
-            hist = self._hist[u]
-            hts = self._hist_ts[u]
-            ex_u[m] = u
-            ex_i[m] = i
-            ex_w[m] = w_in[j]
-            ex_h[m] = hist
-            ex_t[m] = hts
-            m += 1
-            hist[1:] = hist[:-1].copy()
-            hist[0] = i
-            hts[1:] = hts[:-1].copy()
-            hts[0] = t
-            self._seen[u].add(i)
-            ex_j[m - 1] = j
-            if live:
+                u, u_new = users.lookup(str(user_ids[j]))
+                i, i_new = items.lookup(str(item_ids[j]))
+                if u_new:
+                    self._grow_users(u + 1)
+                    new_u.append(u)
+                    if u == len(self._seen):
+                        self._seen.append(set())
+                if i_new:
+                    self._grow_items(i + 1)
+                    new_i.append(i)
+                if u < 0 or i < 0:
+                    continue
+                t = int(ts[j])
+                if t > wm:
+                    wm = t
+                hist = self._hist[u]
+                hts = self._hist_ts[u]
+                ex_u[m] = u
+                ex_i[m] = i
+                ex_w[m] = w_in[j]
+                ex_h[m] = hist
+                ex_t[m] = hts
+                m += 1
+                hist[1:] = hist[:-1].copy()
+                hist[0] = i
+                hts[1:] = hts[:-1].copy()
+                hts[0] = t
+                self._seen[u].add(i)
+                ex_j[m - 1] = j
                 # counters and popularity event by event, for a caller that looks in between
                 self._u_events[u] += 1
                 self._i_events[i] += 1
@@ -282,6 +285,69 @@ class StreamingModel:
         users_c = np.unique(np.concatenate(ch_u)).astype(np.int64)
         items_c = np.unique(np.concatenate(ch_i)).astype(np.int64)
         return Changed(users=users_c[users_c >= 0], items=items_c[items_c >= 0])
+
+    def _fast_path_bulk(self, user_ids: Sequence[str], item_ids: Sequence[str], ts: np.ndarray,
+                        w_in: np.ndarray, ex_u: np.ndarray, ex_i: np.ndarray, ex_w: np.ndarray,
+                        ex_h: np.ndarray, ex_t: np.ndarray, ex_j: np.ndarray, new_u: list[int],
+                        new_i: list[int], wm: int) -> tuple[int, int]:
+        """The per-event fast path for a whole batch at once (no observer between events).
+
+        Ids are mapped one by one (admission and row allocation depend on order);
+        histories are then built with array operations: event k of a user that
+        has p earlier events in the batch sees those p items (newest first)
+        followed by its stored history. Fills ``ex_*`` (first m rows); returns
+        (m, new watermark). Ends in exactly the state of the per-event loop.
+        """
+        n = len(ts)
+        users, items = self._users, self._items
+        rows_u = np.empty(n, dtype=np.int64)
+        rows_i = np.empty(n, dtype=np.int64)
+        for j in range(n):
+            u, u_new = users.lookup(str(user_ids[j]))
+            i, i_new = items.lookup(str(item_ids[j]))
+            if u_new:
+                self._grow_users(u + 1)
+                new_u.append(u)
+                if u == len(self._seen):
+                    self._seen.append(set())
+            if i_new:
+                self._grow_items(i + 1)
+                new_i.append(i)
+            rows_u[j] = u
+            rows_i[j] = i
+        keep = np.flatnonzero((rows_u >= 0) & (rows_i >= 0))
+        m = len(keep)
+        if m == 0:
+            return 0, wm
+        H = self.cfg.history
+        eu, ei, et = rows_u[keep], rows_i[keep], ts[keep]
+        ex_u[:m], ex_i[:m], ex_w[:m], ex_j[:m] = eu, ei, w_in[keep], keep
+        wm = max(wm, int(et.max()))
+        order = np.argsort(eu, kind="stable")           # group by user, stream order inside
+        su, si, st = eu[order], ei[order], et[order]
+        starts = np.flatnonzero(np.r_[True, su[1:] != su[:-1]])
+        counts = np.diff(np.r_[starts, m])
+        gid = np.repeat(np.arange(len(starts)), counts)
+        pos = np.arange(m) - starts[gid]                 # earlier events of the same user
+        slot = np.arange(H)[None, :]
+
+        def build(p: np.ndarray, base: np.ndarray, uu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            from_batch = slot < p[:, None]
+            bidx = np.clip(base[:, None] + p[:, None] - 1 - slot, 0, m - 1)
+            oidx = np.clip(slot - p[:, None], 0, H - 1)
+            old_h = np.take_along_axis(self._hist[uu], oidx, axis=1)
+            old_t = np.take_along_axis(self._hist_ts[uu], oidx, axis=1)
+            return np.where(from_batch, si[bidx], old_h), np.where(from_batch, st[bidx], old_t)
+
+        h_sorted, t_sorted = build(pos, starts[gid], su)
+        ex_h[order], ex_t[order] = h_sorted, t_sorted
+        last_u = su[starts]
+        new_h, new_t = build(counts, starts, last_u)
+        self._hist[last_u], self._hist_ts[last_u] = new_h, new_t
+        seen = self._seen
+        for u, i in zip(eu.tolist(), ei.tolist()):
+            seen[u].add(i)
+        return m, wm
 
     def _buckets(self, hist_ts: np.ndarray) -> np.ndarray:
         """Age bucket (B, H) int64 of each history slot relative to the newest slot."""
