@@ -225,7 +225,7 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
     cfg = model_cfg or ModelConfig()
     users, items, ts, ws = _to_arrays(events)
     n = len(users)
-    start = int(math.ceil(warmup * n))
+    start = math.ceil(warmup * n)
     tested = np.zeros(n, dtype=bool)
     if sample_every > 0 and start < n:
         tested[start + (seed % sample_every)::sample_every] = True

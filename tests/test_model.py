@@ -12,7 +12,7 @@ import torch
 from stream_rec.datasets import iter_synthetic
 from stream_rec.model import Changed, ModelConfig, ModelState, StreamingModel
 
-SMALL = dict(dim=16, history=10, negatives=64, replay=500, replay_per_step=100)
+SMALL = {"dim": 16, "history": 10, "negatives": 64, "replay": 500, "replay_per_step": 100}
 
 
 def _events(n: int, **kw):

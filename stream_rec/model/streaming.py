@@ -93,7 +93,7 @@ class StreamingModel:
         self._watermark: int | None = None
         cap_u = cap_i = 16
         D, H = c.dim, c.history
-        f32 = dict(dtype=torch.float32, device=self.device)
+        f32 = {"dtype": torch.float32, "device": self.device}
         # slow-path parameters (device)
         self._U = torch.zeros(cap_u, D, **f32)
         self._U_acc = torch.zeros(cap_u, **f32)
@@ -226,8 +226,7 @@ class StreamingModel:
                 if u < 0 or i < 0:
                     continue
                 t = int(ts[j])
-                if t > wm:
-                    wm = t
+                wm = max(wm, t)
                 hist = self._hist[u]
                 hts = self._hist_ts[u]
                 ex_u[m] = u
@@ -245,10 +244,8 @@ class StreamingModel:
                 # counters and popularity event by event, for a caller that looks in between
                 self._u_events[u] += 1
                 self._i_events[i] += 1
-                if t > self._u_last[u]:
-                    self._u_last[u] = t
-                if t > self._i_last[i]:
-                    self._i_last[i] = t
+                self._u_last[u] = max(self._u_last[u], t)
+                self._i_last[i] = max(self._i_last[i], t)
                 self._pop[i] = np.logaddexp(self._pop[i], pop_x[j])
         self._watermark = wm
         if not live and m:
@@ -453,7 +450,6 @@ class StreamingModel:
                w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Sampled-softmax steps on the batch (N events) plus replay; returns touched rows."""
         c = self.cfg
-        dev = self.device
         rng = np.random.default_rng([c.seed, 2, self._step])
         live_items = self.n_items
         touched_u: list[np.ndarray] = []
@@ -522,7 +518,6 @@ class StreamingModel:
                            pop, mask, shared)
             touched_u.append(uu)
             touched_i.extend([cand, hrows])
-        del dev
         return np.concatenate(touched_u), np.concatenate(touched_i)
 
     def _sgd_step(self, uu: np.ndarray, u_inv: np.ndarray, hrows: np.ndarray,
@@ -708,7 +703,7 @@ class StreamingModel:
     def state(self) -> ModelState:
         """A consistent CPU numpy copy of everything (see :class:`ModelState`)."""
         nu, ni = self.n_users, self.n_items
-        cpu = lambda t: t.detach().to("cpu").numpy().copy()  # noqa: E731
+        cpu = lambda t: t.detach().to("cpu").numpy().copy()
         indptr = np.zeros(nu + 1, dtype=np.int64)
         seen_lists = [np.fromiter(sorted(s), dtype=np.int64, count=len(s)) for s in self._seen[:nu]]
         if nu:
@@ -761,7 +756,7 @@ class StreamingModel:
                           item_ids=list(self._items.ids), tables=tables)
 
     @classmethod
-    def from_state(cls, state: ModelState, device: str = "auto") -> "StreamingModel":
+    def from_state(cls, state: ModelState, device: str = "auto") -> StreamingModel:
         """Exact restore: learning continues as if never interrupted (bitwise on CPU)."""
         m = cls(ModelConfig(**state.config), device=device)
         t = state.tables
