@@ -63,6 +63,7 @@ class ModelState:
     _user_index: dict[str, int] | None = field(default=None, repr=False, compare=False)
     _item_index: dict[str, int] | None = field(default=None, repr=False, compare=False)
     _faiss: Any = field(default=None, repr=False, compare=False)
+    _popular: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     # ---- id lookup -------------------------------------------------------------
     def user_row(self, user_id: str) -> int | None:
@@ -110,10 +111,12 @@ class ModelState:
 
     def popular(self, k: int) -> np.ndarray:
         """Up to ``k`` live item rows, by decayed popularity, most popular first."""
-        pop = np.where(np.array([bool(i) for i in self.item_ids], dtype=bool),
-                       self.tables["item.pop_log"], -np.inf)
-        order = np.argsort(-pop, kind="stable")[:k]
-        return order[np.isfinite(pop[order])]
+        if self._popular is None:
+            live = np.array([bool(i) for i in self.item_ids], dtype=bool)
+            pop = np.where(live, self.tables["item.pop_log"], -np.inf)
+            order = np.argsort(-pop, kind="stable")
+            self._popular = order[np.isfinite(pop[order])]
+        return self._popular[:k]
 
     def recommend(self, user_id: str, k: int) -> list[tuple[str, float]]:
         """Reference answer through FAISS ``IndexFlatIP``: top-``k`` unseen items with scores.
