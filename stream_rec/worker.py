@@ -31,7 +31,7 @@ from stream_rec.ingest.kafka import ensure_topics, make_consumer, make_producer
 from stream_rec.metrics import WorkerMetrics, dead_letter_reason_label
 from stream_rec.model import StreamingModel
 from stream_rec.settings import Settings
-from stream_rec.snapshot import Manifest, SnapshotStore, delta_from_state
+from stream_rec.snapshot import Manifest, SnapshotStore
 from stream_rec.snapshot.publisher import FullPolicy, Publisher, PublishJob
 
 log = logging.getLogger(__name__)
@@ -439,7 +439,7 @@ class Worker:
                                   len(users) + len(items), total):
             job.state = self.model.state()
         else:
-            job.delta = delta_from_state(self.model.state(), users, items)
+            job.delta = self.model.delta(users, items)
         self.publisher.submit(job)
         self.dirty = False
 

@@ -8,6 +8,8 @@ import faiss
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from stream_rec.datasets import iter_synthetic
 from stream_rec.model import Changed, ModelConfig, ModelState, StreamingModel
@@ -188,3 +190,41 @@ def test_callback_path_matches_batch_path(n_users: int, extra: dict) -> None:
     sa, sb = a.state(), b.state()
     for k in sa.tables:
         np.testing.assert_array_equal(sa.tables[k], sb.tables[k], err_msg=k)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), sizes=st.lists(st.integers(1, 150), min_size=1, max_size=4),
+       frac_u=st.floats(0.0, 1.0), frac_i=st.floats(0.0, 1.0), ttl=st.booleans())
+def test_delta_equals_delta_from_state(seed: int, sizes: list[int], frac_u: float,
+                                       frac_i: float, ttl: bool) -> None:
+    """delta(rows) is field by field, bitwise, delta_from_state(state(), rows)."""
+    from stream_rec.snapshot import delta_from_state
+
+    cfg = ModelConfig(dim=8, history=5, seed=seed % 5, pop_weight=0.3,
+                      **({"ttl_ms": 40_000, "admit_after": 2} if ttl else {}))
+    m = StreamingModel(cfg, device="cpu")
+    ev = list(itertools.islice(iter_synthetic(n_users=30, n_items=50, seed=seed), sum(sizes)))
+    rng = np.random.default_rng(seed)
+    pos = 0
+    for size in sizes:
+        batch = ev[pos:pos + size]
+        pos += size
+        m.learn([e["user_id"] for e in batch], [e["item_id"] for e in batch],
+                np.array([e["ts"] for e in batch], dtype=np.int64))
+        users = rng.integers(-2, m.n_users + 3, size=int(frac_u * m.n_users) + 1)
+        items = rng.integers(-2, m.n_items + 3, size=int(frac_i * m.n_items) + 1)
+        for uu, ii in ((users, items), (None, None), (users[:0], items[:0])):
+            got, want = m.delta(uu, ii), delta_from_state(m.state(), uu, ii)
+            assert got.config == want.config
+            assert (got.n_users, got.n_items) == (want.n_users, want.n_items)
+            assert got.user_ids == want.user_ids and got.item_ids == want.item_ids
+            for a, b in ((got.user_rows, want.user_rows), (got.item_rows, want.item_rows),
+                         (got.seen_indptr, want.seen_indptr),
+                         (got.seen_items, want.seen_items)):
+                assert a.dtype == b.dtype
+                np.testing.assert_array_equal(a, b)
+            assert list(got.tables) == list(want.tables)
+            for k in want.tables:
+                assert got.tables[k].dtype == want.tables[k].dtype, k
+                assert got.tables[k].shape == want.tables[k].shape, k
+                assert got.tables[k].tobytes() == want.tables[k].tobytes(), k

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .config import ModelConfig
 from .state import Changed, ModelState
+
+if TYPE_CHECKING:  # stream_rec.snapshot imports this package
+    from stream_rec.snapshot.delta import StateDelta
 
 _EPS = 1e-10
 _REANCHOR = 200.0  # re-base pop_log when the newest event is this many nats past t_ref
@@ -647,13 +650,19 @@ class StreamingModel:
         q = q * self.cfg.scale
         return torch.cat([q, torch.ones(len(rows), 1, device=self.device)], dim=1)
 
-    def _item_vectors(self) -> torch.Tensor:
-        """FAISS vectors (I, D + 1): output embedding and bias + weighted log popularity."""
-        n = self.n_items
-        pop = np.where(np.isfinite(self._pop[:n]), self._pop[:n], 0.0)
-        extra = self._B[:n] + torch.as_tensor(
+    def _item_vectors(self, rows: np.ndarray | slice | None = None) -> torch.Tensor:
+        """FAISS vectors (R, D + 1): output embedding and bias + weighted log popularity.
+
+        ``rows``: a slice or int64 row array; ``None`` = every row in use.
+        """
+        if rows is None:
+            rows = slice(0, self.n_items)
+        pop_r = self._pop[rows]
+        pop = np.where(np.isfinite(pop_r), pop_r, 0.0)
+        t_rows = rows if isinstance(rows, slice) else torch.as_tensor(rows, device=self.device)
+        extra = self._B[t_rows] + torch.as_tensor(
             (self.cfg.pop_weight * pop).astype(np.float32), device=self.device)
-        return torch.cat([self._Eout[:n], extra[:, None]], dim=1)
+        return torch.cat([self._Eout[t_rows], extra[:, None]], dim=1)
 
     def score_user(self, user_id: str) -> np.ndarray | None:
         """Scores (I,) float32 of every item row for a known user (seen not removed)."""
@@ -700,35 +709,57 @@ class StreamingModel:
         return [(self._items.ids[r], float(scores[r])) for r in top]
 
     # ---------------------------------------------------------------- state
-    def state(self) -> ModelState:
-        """A consistent CPU numpy copy of everything (see :class:`ModelState`)."""
-        nu, ni = self.n_users, self.n_items
+    def _row_tables(self, urows: np.ndarray | slice, irows: np.ndarray | slice
+                    ) -> dict[str, np.ndarray]:
+        """``user.*`` tables at ``urows`` and ``item.*`` tables at ``irows`` as CPU copies.
+
+        Rows are either slices (the whole state) or sorted int64 arrays (a delta);
+        both go through the same element-wise arithmetic, so a row's values are
+        bitwise identical either way.
+        """
+        dev = self.device
+
+        def pick(t: torch.Tensor, rows: np.ndarray | slice) -> np.ndarray:
+            if isinstance(rows, slice):
+                return t[rows].detach().to("cpu").numpy().copy()
+            return t[torch.as_tensor(rows, device=dev)].detach().to("cpu").numpy()
+
+        return {
+            "user.vec": pick(self._U, urows),
+            "user.acc": pick(self._U_acc, urows),
+            "user.hist": self._hist[urows].copy(),
+            "user.hist_ts": self._hist_ts[urows].copy(),
+            "user.last_ts": self._u_last[urows].copy(),
+            "user.events": self._u_events[urows].copy(),
+            "item.vectors": self._item_vectors(irows).detach().to("cpu").numpy().copy(),
+            "item.in": pick(self._Ein, irows),
+            "item.out": pick(self._Eout, irows),
+            "item.bias": pick(self._B, irows),
+            "item.acc_in": pick(self._acc_in, irows),
+            "item.acc_out": pick(self._acc_out, irows),
+            "item.acc_bias": pick(self._acc_b, irows),
+            "item.pop_log": self._pop[irows].copy(),
+            "item.last_ts": self._i_last[irows].copy(),
+            "item.events": self._i_events[irows].copy(),
+        }
+
+    def _seen_csr(self, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """CSR ``(indptr (len(rows) + 1,), items)`` int64 of the sorted seen lists of ``rows``."""
+        lists = [np.fromiter(sorted(self._seen[r]), dtype=np.int64, count=len(self._seen[r]))
+                 for r in rows]
+        indptr = np.zeros(len(lists) + 1, dtype=np.int64)
+        if lists:
+            indptr[1:] = np.cumsum([len(s) for s in lists])
+        items = np.concatenate(lists) if lists else np.zeros(0, dtype=np.int64)
+        return indptr, items
+
+    def _global_tables(self) -> dict[str, np.ndarray]:
+        """The small ``global.*`` tables (everything except the seen CSR), as copies."""
         cpu = lambda t: t.detach().to("cpu").numpy().copy()
-        indptr = np.zeros(nu + 1, dtype=np.int64)
-        seen_lists = [np.fromiter(sorted(s), dtype=np.int64, count=len(s)) for s in self._seen[:nu]]
-        if nu:
-            indptr[1:] = np.cumsum([len(s) for s in seen_lists])
-        seen_items = np.concatenate(seen_lists) if seen_lists else np.zeros(0, dtype=np.int64)
         k = self._rp_n
         pu = self._users.pending
         pi = self._items.pending
-        tables: dict[str, np.ndarray] = {
-            "user.vec": cpu(self._U[:nu]),
-            "user.acc": cpu(self._U_acc[:nu]),
-            "user.hist": self._hist[:nu].copy(),
-            "user.hist_ts": self._hist_ts[:nu].copy(),
-            "user.last_ts": self._u_last[:nu].copy(),
-            "user.events": self._u_events[:nu].copy(),
-            "item.vectors": cpu(self._item_vectors()),
-            "item.in": cpu(self._Ein[:ni]),
-            "item.out": cpu(self._Eout[:ni]),
-            "item.bias": cpu(self._B[:ni]),
-            "item.acc_in": cpu(self._acc_in[:ni]),
-            "item.acc_out": cpu(self._acc_out[:ni]),
-            "item.acc_bias": cpu(self._acc_b[:ni]),
-            "item.pop_log": self._pop[:ni].copy(),
-            "item.last_ts": self._i_last[:ni].copy(),
-            "item.events": self._i_events[:ni].copy(),
+        return {
             "global.pos_w": cpu(self._pos_w),
             "global.pos_acc": cpu(self._pos_acc),
             "global.transition": cpu(self._M),
@@ -737,8 +768,6 @@ class StreamingModel:
             "global.t_ref": np.array([-1 if self._t_ref is None else self._t_ref], dtype=np.int64),
             "global.watermark": np.array(
                 [-1 if self._watermark is None else self._watermark], dtype=np.int64),
-            "global.seen_indptr": indptr,
-            "global.seen_items": seen_items,
             "global.replay_user": self._rp_u[:k].copy(),
             "global.replay_item": self._rp_i[:k].copy(),
             "global.replay_weight": self._rp_w[:k].copy(),
@@ -752,8 +781,37 @@ class StreamingModel:
             "global.pending_item_ids": np.asarray(list(pi.keys()), dtype=str),
             "global.pending_item_counts": np.asarray(list(pi.values()), dtype=np.int64),
         }
+
+    def state(self) -> ModelState:
+        """A consistent CPU numpy copy of everything (see :class:`ModelState`)."""
+        nu, ni = self.n_users, self.n_items
+        tables = self._row_tables(slice(0, nu), slice(0, ni))
+        tables.update(self._global_tables())
+        tables["global.seen_indptr"], tables["global.seen_items"] = self._seen_csr(range(nu))
         return ModelState(config=self.cfg.model_dump(), user_ids=list(self._users.ids),
                           item_ids=list(self._items.ids), tables=tables)
+
+    def delta(self, users: np.ndarray | None, items: np.ndarray | None) -> StateDelta:
+        """The :class:`~stream_rec.snapshot.delta.StateDelta` of rows ``users`` / ``items``.
+
+        Equal field by field (bitwise) to ``delta_from_state(self.state(), users,
+        items)``, but it gathers only the requested rows: O(rows + global tables)
+        instead of copying every (U, D) and (I, D + 1) table. ``users`` / ``items``
+        are int64 row numbers in any order, duplicates and out-of-range rows
+        ignored; ``None`` means every row.
+        """
+        from stream_rec.snapshot.delta import StateDelta, _rows  # snapshot imports model
+
+        nu, ni = self.n_users, self.n_items
+        urows, irows = _rows(users, nu), _rows(items, ni)
+        tables = self._row_tables(urows, irows)
+        tables.update(self._global_tables())
+        ptr, seen = self._seen_csr(urows.tolist())
+        uids, iids = self._users.ids, self._items.ids
+        return StateDelta(config=self.cfg.model_dump(), n_users=nu, n_items=ni, user_rows=urows,
+                          item_rows=irows, user_ids=[uids[r] for r in urows.tolist()],
+                          item_ids=[iids[r] for r in irows.tolist()], tables=tables,
+                          seen_indptr=ptr, seen_items=seen)
 
     @classmethod
     def from_state(cls, state: ModelState, device: str = "auto") -> StreamingModel:
