@@ -7,10 +7,12 @@ a hit is counted when the event's item is among them. Only a fixed 1-in-
 ``sample_every`` sample of events after the first ``warmup`` fraction is tested;
 every event is learned.
 
-Micro-batch semantics match the worker: within a batch each event is scored
-against embeddings as of the batch start and fast-path state (history, seen
-set, popularity) updated up to the previous event; the gradient steps then run
-on the whole batch. Baselines are counts and update per event.
+Semantics match the worker: each event is scored against embeddings as of the
+last complete training chunk (``ModelConfig.train_chunk`` events counted from
+the start of the stream) and fast-path state (history, seen set, popularity)
+updated up to the previous event. Micro-batches of ``batch_size`` only decide
+how events are handed to ``learn()``; training is chunked independently of
+them. Baselines are counts and update per event.
 """
 
 from __future__ import annotations

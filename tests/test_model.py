@@ -124,7 +124,7 @@ def test_admission_threshold() -> None:
 
 
 def test_ttl_expiry_frees_and_reuses_rows() -> None:
-    m = StreamingModel(ModelConfig(dim=8, history=4, ttl_ms=1000), device="cpu")
+    m = StreamingModel(ModelConfig(dim=8, history=4, ttl_ms=1000, train_chunk=1), device="cpu")
     m.learn(["old", "keep", "both"], ["i_old", "i_keep", "i_old"], np.array([0, 0, 0]))
     m.learn(["keep", "both"], ["i_keep", "i_keep"], np.array([900, 900]))
     old_u, old_i = m.user_row("old"), m.item_row("i_old")
@@ -228,3 +228,69 @@ def test_delta_equals_delta_from_state(seed: int, sizes: list[int], frac_u: floa
                 assert got.tables[k].dtype == want.tables[k].dtype, k
                 assert got.tables[k].shape == want.tables[k].shape, k
                 assert got.tables[k].tobytes() == want.tables[k].tobytes(), k
+
+
+def _assert_same(sa: ModelState, sb: ModelState) -> None:
+    assert sa.user_ids == sb.user_ids and sa.item_ids == sb.item_ids
+    assert list(sa.tables) == list(sb.tables)
+    for k in sa.tables:
+        assert sa.tables[k].dtype == sb.tables[k].dtype, k
+        np.testing.assert_array_equal(sa.tables[k], sb.tables[k], err_msg=k)
+
+
+def _splits(rng: np.random.Generator, n: int, hi: int) -> list[int]:
+    """Cut points 0 < c1 < ... < n of calls of random sizes 1..hi."""
+    cuts, pos = [], 0
+    while pos < n:
+        pos = min(n, pos + int(rng.integers(1, hi + 1)))
+        cuts.append(pos)
+    return cuts
+
+
+CHUNKED = [
+    {"train_chunk": 700},
+    {"train_chunk": 256, "ttl_ms": 3_000, "admit_after": 2, "mask_seen": False},
+]
+
+
+@pytest.mark.parametrize("extra", CHUNKED)
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000))
+def test_training_independent_of_call_sizes(extra: dict, seed: int) -> None:
+    """Calls of random sizes 1..3000 (some with an observer) == calls of exactly train_chunk."""
+    users, items, ts = _events(5000, seed=seed)
+    cfg = ModelConfig(**SMALL, seed=seed % 3, **extra)
+    ref = StreamingModel(cfg, device="cpu")
+    _feed(ref, users, items, ts, batch=cfg.train_chunk)
+    m = StreamingModel(cfg, device="cpu")
+    rng = np.random.default_rng(seed)
+    prev, pos = m.state(), 0
+    from stream_rec.snapshot import apply_delta
+
+    for cut in _splits(rng, len(users), 3000):
+        cb = (lambda j: None) if rng.random() < 0.3 else None
+        ch = m.learn(users[pos:cut], items[pos:cut], ts[pos:cut], before_event=cb)
+        pos = cut
+        cur = m.state()   # the rows reported as changed carry every change
+        _assert_same(apply_delta(prev, m.delta(ch.users, ch.items)), cur)
+        prev = cur
+    _assert_same(m.state(), ref.state())
+
+
+@pytest.mark.parametrize("extra", CHUNKED)
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000))
+def test_restore_mid_chunk_continues_bitwise(extra: dict, seed: int) -> None:
+    """state()/from_state() at arbitrary cut points (mid-chunk) continues bit for bit."""
+    users, items, ts = _events(4000, seed=seed)
+    cfg = ModelConfig(**SMALL, seed=seed % 3, **extra)
+    ref = StreamingModel(cfg, device="cpu")
+    _feed(ref, users, items, ts, batch=997)
+    m = StreamingModel(cfg, device="cpu")
+    rng = np.random.default_rng(seed + 1)
+    pos = 0
+    for cut in _splits(rng, len(users), 1500):
+        m.learn(users[pos:cut], items[pos:cut], ts[pos:cut])
+        pos = cut
+        m = StreamingModel.from_state(m.state(), device="cpu")
+    _assert_same(m.state(), ref.state())

@@ -26,7 +26,10 @@ class ModelConfig(BaseModel):
     lr: float = Field(0.05, gt=0, description="row-wise Adagrad learning rate")
     acc_decay: float = Field(1.0, gt=0, le=1, description="1 = Adagrad; <1 = RMSprop-style decay "
                              "of the touched rows' squared-gradient sums (keeps adapting)")
-    steps: int = Field(2, ge=1, description="gradient steps per micro-batch")
+    train_chunk: int = Field(1000, ge=1, description="events per training chunk: gradient "
+                             "steps run on fixed chunks counted from the start of the stream, "
+                             "whatever the micro-batch boundaries")
+    steps: int = Field(2, ge=1, description="gradient steps per training chunk")
     negatives: int = Field(128, ge=0, description="uniform item negatives per step (plus in-batch)")
     inbatch_negatives: int = Field(0, ge=0, description="0 = every in-batch target is a "
                                    "candidate for every event; else this many targets drawn from "

@@ -129,6 +129,17 @@ class StreamingModel:
         self._rp_n = 0      # filled entries
         self._expiry_touched: list[int] = []   # users whose seen/history lost an expired item
         self._rp_pos = 0    # next write position
+        # events of the current, incomplete training chunk (fast path done, not yet trained)
+        C = c.train_chunk
+        self._ck_u = np.zeros(C, dtype=np.int64)
+        self._ck_i = np.zeros(C, dtype=np.int64)
+        self._ck_w = np.zeros(C, dtype=np.float32)
+        self._ck_h = np.full((C, H), -1, dtype=np.int64)
+        self._ck_b = np.zeros((C, H), dtype=np.int64)
+        self._ck_m = 0      # learned events queued (admitted user and item)
+        self._ck_fill = 0   # stream events since the chunk started (queued or not)
+        self._ck_new_u: list[int] = []   # rows allocated in this chunk, initialised at its end
+        self._ck_new_i: list[int] = []
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -177,13 +188,17 @@ class StreamingModel:
     def learn(self, user_ids: Sequence[str], item_ids: Sequence[str], ts_ms: np.ndarray,
               weights: np.ndarray | None = None,
               before_event: Callable[[int], None] | None = None) -> Changed:
-        """Apply one micro-batch of events, in stream order.
+        """Apply events in stream order; train on every chunk they complete.
 
-        The fast path runs event by event; then ``cfg.steps`` gradient steps run on
-        the batch (plus replayed events). ``before_event(j)``, when given, is
-        called before event ``j`` touches any state -- the prequential evaluator
-        uses it to test each event against the state it would have been served
-        from. ``ts_ms`` (N,) int64 event time in ms; ``weights`` (N,) float, default 1.
+        The fast path runs event by event. Gradient steps run on fixed chunks of
+        ``cfg.train_chunk`` events counted from the start of the stream, so the
+        result does not depend on how the stream is split into calls (a replay
+        or a restart with other micro-batch boundaries ends in the same state,
+        bitwise on CPU). Events of an incomplete chunk wait in the state.
+        ``before_event(j)``, when given, is called before event ``j`` of this
+        call touches any state -- the prequential evaluator uses it to test each
+        event against the state it would have been served from. ``ts_ms`` (N,)
+        int64 event time in ms; ``weights`` (N,) float, default 1.
         """
         n = len(user_ids)
         ts = np.asarray(ts_ms, dtype=np.int64).reshape(-1)
@@ -191,6 +206,35 @@ class StreamingModel:
                 else np.asarray(weights, dtype=np.float32).reshape(-1))
         if len(item_ids) != n or len(ts) != n or len(w_in) != n:
             raise ValueError("user_ids, item_ids, ts_ms and weights must have equal length")
+        C = self.cfg.train_chunk
+        ch_u: list[np.ndarray] = []
+        ch_i: list[np.ndarray] = []
+        s = 0
+        while s < n:
+            e = min(n, s + C - self._ck_fill)
+            cb = None if before_event is None else (
+                lambda j, s=s: before_event(j + s))  # type: ignore[misc]
+            self._fast_segment(user_ids[s:e], item_ids[s:e], ts[s:e], w_in[s:e], cb, ch_u, ch_i)
+            self._ck_fill += e - s
+            s = e
+            if self._ck_fill >= C:
+                self._end_chunk(ch_u, ch_i)
+        if not ch_u:
+            empty = np.zeros(0, dtype=np.int64)
+            return Changed(users=empty, items=empty.copy())
+        users_c = np.unique(np.concatenate(ch_u)).astype(np.int64)
+        items_c = np.unique(np.concatenate(ch_i)).astype(np.int64)
+        return Changed(users=users_c[users_c >= 0], items=items_c[items_c >= 0])
+
+    def _fast_segment(self, user_ids: Sequence[str], item_ids: Sequence[str], ts: np.ndarray,
+                      w_in: np.ndarray, before_event: Callable[[int], None] | None,
+                      ch_u: list[np.ndarray], ch_i: list[np.ndarray]) -> None:
+        """Fast path for events that all fall in the current chunk; queues them for training.
+
+        Appends the rows it changes (learned events' users/items, new rows) to
+        ``ch_u`` / ``ch_i``.
+        """
+        n = len(ts)
         H = self.cfg.history
         ex_u = np.empty(n, dtype=np.int64)
         ex_i = np.empty(n, dtype=np.int64)
@@ -259,10 +303,30 @@ class StreamingModel:
             np.maximum.at(self._u_last, ex_u[:m], tj)
             np.maximum.at(self._i_last, ex_i[:m], tj)
             np.logaddexp.at(self._pop, ex_i[:m], pop_x[ex_j[:m]])
-        ex_u, ex_i, ex_w, ex_h = ex_u[:m], ex_i[:m], ex_w[:m], ex_h[:m]
         ex_b = self._buckets(ex_t[:m])
+        k = self._ck_m
+        self._ck_u[k:k + m], self._ck_i[k:k + m], self._ck_w[k:k + m] = ex_u[:m], ex_i[:m], ex_w[:m]
+        self._ck_h[k:k + m], self._ck_b[k:k + m] = ex_h[:m], ex_b
+        self._ck_m = k + m
+        self._ck_new_u.extend(new_u)
+        self._ck_new_i.extend(new_i)
+        ch_u.extend([ex_u[:m], np.asarray(new_u, dtype=np.int64)])
+        ch_i.extend([ex_i[:m], np.asarray(new_i, dtype=np.int64)])
+
+    def _end_chunk(self, ch_u: list[np.ndarray], ch_i: list[np.ndarray]) -> None:
+        """Close a full chunk: initialise its new rows, expire idle ids, train, fill replay.
+
+        Appends every row this changes to ``ch_u`` / ``ch_i``.
+        """
+        k = self._ck_m
+        ex_u, ex_i, ex_w = self._ck_u[:k].copy(), self._ck_i[:k].copy(), self._ck_w[:k].copy()
+        ex_h, ex_b = self._ck_h[:k].copy(), self._ck_b[:k].copy()
+        new_u = np.asarray(self._ck_new_u, dtype=np.int64)
+        new_i = np.asarray(self._ck_new_i, dtype=np.int64)
+        self._ck_m = self._ck_fill = 0
+        self._ck_new_u, self._ck_new_i = [], []
         all_items_changed = self._maybe_reanchor()
-        self._init_rows(new_u, new_i)
+        self._init_rows(new_u.tolist(), new_i.tolist())
         exp_u, exp_i = self._expire()
         if len(exp_u) or len(exp_i):
             keep = ~(np.isin(ex_u, exp_u) | np.isin(ex_i, exp_i))
@@ -270,11 +334,10 @@ class StreamingModel:
             ex_b = ex_b[keep]
             if len(exp_i):
                 ex_h[np.isin(ex_h, exp_i)] = -1
-        ch_u: list[np.ndarray] = [ex_u, exp_u, np.asarray(new_u, dtype=np.int64),
-                                  np.asarray(self._expiry_touched, dtype=np.int64)]
+        ch_u.extend([exp_u, new_u, np.asarray(self._expiry_touched, dtype=np.int64)])
         self._expiry_touched = []
-        ch_i: list[np.ndarray] = [ex_i, exp_i, np.asarray(new_i, dtype=np.int64)]
-        if m:
+        ch_i.extend([exp_i, new_i])
+        if len(ex_u):
             tu, ti = self._train(ex_u, ex_i, ex_h, ex_b, ex_w)
             ch_u.append(tu)
             ch_i.append(ti)
@@ -282,9 +345,6 @@ class StreamingModel:
         self._step += 1
         if all_items_changed:
             ch_i.append(np.arange(self.n_items, dtype=np.int64))
-        users_c = np.unique(np.concatenate(ch_u)).astype(np.int64)
-        items_c = np.unique(np.concatenate(ch_i)).astype(np.int64)
-        return Changed(users=users_c[users_c >= 0], items=items_c[items_c >= 0])
 
     def _fast_path_bulk(self, user_ids: Sequence[str], item_ids: Sequence[str], ts: np.ndarray,
                         w_in: np.ndarray, ex_u: np.ndarray, ex_i: np.ndarray, ex_w: np.ndarray,
@@ -757,6 +817,7 @@ class StreamingModel:
         """The small ``global.*`` tables (everything except the seen CSR), as copies."""
         cpu = lambda t: t.detach().to("cpu").numpy().copy()
         k = self._rp_n
+        kc = self._ck_m
         pu = self._users.pending
         pi = self._items.pending
         return {
@@ -780,6 +841,14 @@ class StreamingModel:
             "global.pending_user_counts": np.asarray(list(pu.values()), dtype=np.int64),
             "global.pending_item_ids": np.asarray(list(pi.keys()), dtype=str),
             "global.pending_item_counts": np.asarray(list(pi.values()), dtype=np.int64),
+            "global.chunk_user": self._ck_u[:kc].copy(),
+            "global.chunk_item": self._ck_i[:kc].copy(),
+            "global.chunk_weight": self._ck_w[:kc].copy(),
+            "global.chunk_hist": self._ck_h[:kc].copy(),
+            "global.chunk_bucket": self._ck_b[:kc].copy(),
+            "global.chunk_fill": np.array([self._ck_fill], dtype=np.int64),
+            "global.chunk_new_users": np.asarray(self._ck_new_u, dtype=np.int64),
+            "global.chunk_new_items": np.asarray(self._ck_new_i, dtype=np.int64),
         }
 
     def state(self) -> ModelState:
@@ -869,6 +938,15 @@ class StreamingModel:
             m._rp_b[:k] = t["global.replay_bucket"]
         m._rp_n = k
         m._rp_pos = int(t["global.replay_pos"][0])
+        if "global.chunk_fill" in t:  # versions written before chunked training have none
+            kc = len(t["global.chunk_user"])
+            m._ck_u[:kc], m._ck_i[:kc] = t["global.chunk_user"], t["global.chunk_item"]
+            m._ck_w[:kc] = t["global.chunk_weight"]
+            m._ck_h[:kc], m._ck_b[:kc] = t["global.chunk_hist"], t["global.chunk_bucket"]
+            m._ck_m = kc
+            m._ck_fill = int(t["global.chunk_fill"][0])
+            m._ck_new_u = t["global.chunk_new_users"].tolist()
+            m._ck_new_i = t["global.chunk_new_items"].tolist()
         return m
 
 
