@@ -150,29 +150,42 @@ class DecayedPopularityBaseline(PopularityBaseline):
 
 
 class CooccurrenceBaseline(PopularityBaseline):
-    """Incremental item co-occurrence over each user's last ``window`` items.
+    """Incremental item-to-item co-occurrence over each user's last ``window`` items.
 
-    When a user clicks item i, C[j, i] and C[i, j] grow for each of the user's
-    previous ``window`` items j; a user is scored by the sum of C rows over
-    their last ``window`` items, ties broken by all-time popularity.
+    The usual streaming item-kNN: when a user clicks item i, ``C[j, i]`` and
+    ``C[i, j]`` grow by ``w * pair_decay**d`` for each of the user's previous
+    ``window`` items j (``d`` = 0 for the newest), so close neighbours in a
+    session count more. A user is scored by the recency-weighted sum of C rows
+    over the last ``window`` items (weight ``recency**h / popularity(j)**beta``,
+    h = 0 newest: a click on a rare item says more than one on a blockbuster),
+    divided by the candidate's ``popularity**alpha`` so that items co-occurring
+    with everything do not win by volume alone; ties are broken by all-time
+    popularity. Defaults are the best of a small grid on ML-100K's default
+    protocol (docs/MODEL.md), so this reference is, if anything, optimistic.
     """
 
-    def __init__(self, window: int = 20) -> None:
+    def __init__(self, window: int = 20, recency: float = 0.6, alpha: float = 0.3,
+                 pair_decay: float = 0.9, beta: float = 0.3) -> None:
         super().__init__()
+        self.beta = beta
         self.window = window
+        self.recency = recency
+        self.alpha = alpha
+        self.pair_decay = pair_decay
         self.co: dict[int, dict[int, float]] = {}
         self.recent: dict[str, list[int]] = {}
 
     def update(self, user: str, row: int, ts: int, w: float) -> None:
         super().update(user, row, ts, w)
-        rec = self.recent.setdefault(user, [])
+        rec = self.recent.setdefault(user, [])   # oldest first
         ci = self.co.setdefault(row, {})
-        for j in rec:
-            if j == row:
-                continue
-            cj = self.co.setdefault(j, {})
-            cj[row] = cj.get(row, 0.0) + w
-            ci[j] = ci.get(j, 0.0) + w
+        f = w
+        for j in reversed(rec):
+            if j != row:
+                cj = self.co.setdefault(j, {})
+                cj[row] = cj.get(row, 0.0) + f
+                ci[j] = ci.get(j, 0.0) + f
+            f *= self.pair_decay
         rec.append(row)
         if len(rec) > self.window:
             del rec[0]
@@ -180,13 +193,17 @@ class CooccurrenceBaseline(PopularityBaseline):
     def scores(self, user: str, ts: int) -> np.ndarray:
         n = len(self.items)
         pop = self.count[:n]
-        out = pop / (pop.max() + 1.0) * 1e-3
-        for j in self.recent.get(user, ()):
+        out = np.zeros(n, dtype=np.float64)
+        wt = 1.0
+        for j in reversed(self.recent.get(user, ())):
             row = self.co.get(j)
             if row:
                 out[np.fromiter(row.keys(), dtype=np.int64, count=len(row))] += \
-                    np.fromiter(row.values(), dtype=np.float64, count=len(row))
-        return out
+                    wt / max(pop[j], 1.0) ** self.beta * np.fromiter(row.values(), dtype=np.float64, count=len(row))
+            wt *= self.recency
+        if self.alpha:
+            out /= np.maximum(pop, 1.0) ** self.alpha
+        return out + pop / (pop.max() + 1.0) * 1e-6
 
 
 # ------------------------------------------------------------------------ data

@@ -63,3 +63,27 @@ def test_batch_size_only_changes_slow_path(bs: int) -> None:
     assert res["baselines"]["popularity"]["hr@10"] == pytest.approx(
         evaluation.run_eval(events, batch_size=60, sample_every=3, model_cfg=CFG,
                             device="cpu")["baselines"]["popularity"]["hr@10"])
+
+
+def test_cooccurrence_prefers_recent_neighbours_and_discounts_popularity() -> None:
+    from stream_rec.evaluation import CooccurrenceBaseline
+
+    bl = CooccurrenceBaseline(window=5)
+    for u, seq in (("a", ["x", "y"]), ("b", ["z", "w"]), ("c", ["x", "y"])):
+        for t, item in enumerate(seq):
+            bl.learn(u, item, t, 1.0)
+    # a user who just clicked z (after x long before) gets w, z's neighbour, first
+    bl.learn("d", "x", 10, 1.0)
+    bl.learn("d", "z", 11, 1.0)
+    s = bl.scores("d", 12)
+    assert s[bl.items["w"]] > s[bl.items["y"]] > 0
+    # popularity division: a neighbour seen everywhere weighs less than a rare one
+    for k in range(6):
+        bl.learn(f"p{k}", "pop", 20 + k, 1.0)
+    bl.learn("e", "q", 30, 1.0)
+    bl.learn("e", "pop", 31, 1.0)
+    bl.learn("f", "q", 32, 1.0)
+    bl.learn("f", "rare", 33, 1.0)
+    bl.learn("g", "q", 35, 1.0)
+    s = bl.scores("g", 36)
+    assert s[bl.items["rare"]] > s[bl.items["pop"]]
