@@ -66,7 +66,8 @@ def main() -> int:
     out = {"events_per_s": args.batches * bs / dt, "dim": args.dim, "batch_size": bs,
            "device": str(model.device), "threads": torch.get_num_threads(),
            "batches": args.batches, "seconds": dt, "n_users": model.n_users,
-           "n_items": model.n_items, "overrides": overrides}
+           "n_items": model.n_items, "train_chunk": cfg.train_chunk, "steps": cfg.steps,
+           "replay_per_step": cfg.replay_per_step, "overrides": overrides}
     print(json.dumps(out), flush=True)
     return 0
 

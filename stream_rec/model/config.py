@@ -23,19 +23,19 @@ class ModelConfig(BaseModel):
     ttl_ms: int = Field(0, ge=0, description="0 = off; else ids idle this long (event time) expire")
 
     # slow path: sampled-softmax gradient steps per micro-batch
-    lr: float = Field(0.05, gt=0, description="row-wise Adagrad learning rate")
+    lr: float = Field(0.1, gt=0, description="row-wise Adagrad learning rate")
     acc_decay: float = Field(1.0, gt=0, le=1, description="1 = Adagrad; <1 = RMSprop-style decay "
                              "of the touched rows' squared-gradient sums (keeps adapting)")
     train_chunk: int = Field(1000, ge=1, description="events per training chunk: gradient "
                              "steps run on fixed chunks counted from the start of the stream, "
                              "whatever the micro-batch boundaries")
-    steps: int = Field(2, ge=1, description="gradient steps per training chunk")
+    steps: int = Field(1, ge=1, description="gradient steps per training chunk")
     negatives: int = Field(128, ge=0, description="uniform item negatives per step (plus in-batch)")
     inbatch_negatives: int = Field(0, ge=0, description="0 = every in-batch target is a "
                                    "candidate for every event; else this many targets drawn from "
                                    "the step as shared negatives (cost N x (this + negatives))")
     replay: int = Field(2000, ge=0, description="recent events kept for replay")
-    replay_per_step: int = Field(500, ge=0, description="replayed events mixed into each step")
+    replay_per_step: int = Field(300, ge=0, description="replayed events mixed into each step")
     mask_history: bool = Field(True, description="in training, do not push down candidates that "
                                "are in the event's history (serving excludes seen items anyway)")
     mask_seen: bool = Field(True, description="like mask_history but over the user's whole seen "
