@@ -78,6 +78,9 @@ class WorkerSettings(BaseModel):
     full_every_versions: int = Field(50, ge=1)
     full_every_s: float = Field(300.0, gt=0)
     device: str = "auto"
+    # CPU threads for torch's kernels; 0 keeps torch's default (one per core).
+    # The polling thread needs a core too, so on small machines fewer can be faster.
+    torch_threads: int = Field(0, ge=0)
     metrics_port: int = 0  # 0 = no metrics/health endpoint (/metrics, /healthz)
     # /healthz answers 503 once the broker has not answered (records, heartbeat
     # or commit) for this long.

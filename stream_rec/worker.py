@@ -247,6 +247,10 @@ class Worker:
     def run(self) -> int:
         """Consume until asked to stop; returns the process exit code."""
         wcfg = self.settings.worker
+        if wcfg.torch_threads:
+            import torch
+
+            torch.set_num_threads(wcfg.torch_threads)
         self.model = self.restore()
         ensure_topics(self.kafka, [self.kafka.topic, self.kafka.dlq_topic])
         dlq = DeadLetterWriter(make_producer(self.kafka), self.kafka.dlq_topic)
