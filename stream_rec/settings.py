@@ -75,7 +75,7 @@ class WorkerSettings(BaseModel):
     publish_interval_ms: int = Field(250, ge=0)
     # Most versions are deltas; a full one is written after this many deltas or
     # this many seconds, bounding how long a chain a reader must apply.
-    full_every_versions: int = Field(50, ge=1)
+    full_every_versions: int = Field(200, ge=1)
     full_every_s: float = Field(300.0, gt=0)
     device: str = "auto"
     # CPU threads for torch's kernels; 0 keeps torch's default (one per core).

@@ -112,3 +112,23 @@ def test_retention_never_breaks_a_kept_chain(tmp_path_factory, kinds: list[bool]
         snap = store.load(v)
         assert snap is not None
         assert_same_state(snap.state, state)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), sizes=st.lists(st.integers(1, 60), min_size=2, max_size=6))
+def test_merged_deltas_apply_as_the_chain_does(seed: int, sizes: list[int]) -> None:
+    from stream_rec.snapshot.delta import merge_deltas
+
+    model = StreamingModel(ModelConfig(dim=8, seed=2), device="cpu")
+    events = _events(seed, sum(sizes), n_users=25, n_items=40)
+    base = model.state()
+    deltas, pos = [], 0
+    for size in sizes:
+        changed = _learn(model, events[pos:pos + size])
+        pos += size
+        deltas.append(model.delta(changed.users, changed.items))
+    stepwise = base
+    for d in deltas:
+        stepwise = apply_delta(stepwise, d)
+    assert_same_state(apply_delta(base, merge_deltas(deltas)), stepwise)
+    assert_same_state(stepwise, model.state())

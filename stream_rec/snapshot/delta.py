@@ -152,3 +152,50 @@ def apply_delta(base: ModelState, delta: StateDelta) -> ModelState:
         item_ids[r] = iid
     return ModelState(config=dict(delta.config), user_ids=user_ids, item_ids=item_ids,
                       tables=tables)
+
+
+def merge_deltas(deltas: list[StateDelta]) -> StateDelta:
+    """Consecutive deltas as one (later rows win), so a chain is applied with one copy.
+
+    Applying ``merge_deltas([d1, …, dn])`` equals applying d1, …, dn in turn,
+    at the cost of one pass over the base instead of one per delta.
+    """
+    if len(deltas) == 1:
+        return deltas[0]
+    last = deltas[-1]
+    urows = np.unique(np.concatenate([d.user_rows for d in deltas]))
+    irows = np.unique(np.concatenate([d.item_rows for d in deltas]))
+    tables: dict[str, np.ndarray] = {n: a for n, a in last.tables.items()
+                                     if n.startswith("global.")}
+    user_ids = [""] * len(urows)
+    item_ids = [""] * len(irows)
+    owner = np.full(len(urows), -1, dtype=np.int64)  # which delta last wrote each user row
+    slot = np.zeros(len(urows), dtype=np.int64)  # that row's position in that delta
+    for k, d in enumerate(deltas):
+        upos = np.searchsorted(urows, d.user_rows)
+        ipos = np.searchsorted(irows, d.item_rows)
+        for name, arr in d.tables.items():
+            if name.startswith("user.") or name.startswith("item."):
+                rows = urows if name.startswith("user.") else irows
+                if name not in tables:
+                    tables[name] = np.empty((len(rows), *arr.shape[1:]), dtype=arr.dtype)
+                tables[name][upos if name.startswith("user.") else ipos] = arr
+        for p, uid in zip(upos.tolist(), d.user_ids):
+            user_ids[p] = uid
+        for p, iid in zip(ipos.tolist(), d.item_ids):
+            item_ids[p] = iid
+        owner[upos] = k
+        slot[upos] = np.arange(len(upos))
+    lens = np.zeros(len(urows), dtype=np.int64)
+    pieces = []
+    for p in range(len(urows)):
+        d = deltas[owner[p]]
+        lo, hi = d.seen_indptr[slot[p]], d.seen_indptr[slot[p] + 1]
+        lens[p] = hi - lo
+        pieces.append(d.seen_items[lo:hi])
+    ptr = np.zeros(len(urows) + 1, dtype=np.int64)
+    np.cumsum(lens, out=ptr[1:])
+    seen = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+    return StateDelta(config=dict(last.config), n_users=last.n_users, n_items=last.n_items,
+                      user_rows=urows, item_rows=irows, user_ids=user_ids, item_ids=item_ids,
+                      tables=tables, seen_indptr=ptr, seen_items=seen)

@@ -35,7 +35,7 @@ import orjson
 
 from stream_rec.faults import failpoint
 from stream_rec.model import ModelState
-from stream_rec.snapshot.delta import StateDelta, apply_delta
+from stream_rec.snapshot.delta import StateDelta, apply_delta, merge_deltas
 
 log = logging.getLogger(__name__)
 
@@ -289,14 +289,22 @@ class SnapshotStore:
             state = ModelState(config=full.config, user_ids=docs.get("user_ids", []),
                                item_ids=docs.get("item_ids", []), tables=tables)
             start = 1
-        changed: list[np.ndarray] = []
-        for m in manifests[start:]:
-            _, delta = self.load_delta(m.version)
-            changed.append(delta.item_rows)
+        merged: StateDelta | None = None
+        pending: list[StateDelta] = []
+        for m in manifests[start:]:  # merged a few at a time: memory stays near one delta
+            pending.append(self.load_delta(m.version)[1])
+            if len(pending) == 32:
+                merged = merge_deltas([merged, *pending] if merged else pending)
+                pending = []
+        if pending:
+            merged = merge_deltas([merged, *pending] if merged else pending)
+        changed = [merged.item_rows] if merged is not None else []
+        if merged is not None:
             try:
-                state = apply_delta(state, delta)
+                state = apply_delta(state, merged)
             except (ValueError, KeyError, IndexError) as exc:
-                raise CorruptSnapshot(f"delta v{m.version} does not apply: {exc}") from None
+                raise CorruptSnapshot(
+                    f"deltas up to v{manifests[-1].version} do not apply: {exc}") from None
         if from_base:
             rows = np.unique(np.concatenate(changed)) if changed else np.zeros(0, np.int64)
             return Snapshot(manifests[-1], state, changed_items=rows, base_version=base.version)
