@@ -72,7 +72,7 @@ class WorkerSettings(BaseModel):
     batch_max_ms: int = Field(100, ge=1)
     # A version is published after a batch once this much time has passed since
     # the previous one; offsets are committed only after it is durable.
-    publish_interval_ms: int = Field(250, ge=0)
+    publish_interval_ms: int = Field(100, ge=0)
     # Most versions are deltas; a full one is written after this many deltas or
     # this many seconds, bounding how long a chain a reader must apply.
     full_every_versions: int = Field(200, ge=1)
@@ -97,7 +97,7 @@ class StoreSettings(BaseModel):
 class ServeSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8000
-    poll_interval_ms: int = Field(100, ge=10)
+    poll_interval_ms: int = Field(50, ge=10)
     default_k: int = Field(10, ge=1)
     max_k: int = Field(1000, ge=1)
     # "flat": exact inner product (default); "ivf": approximate, for large catalogues.
