@@ -8,15 +8,16 @@ from that state, so a swap in the middle of a request cannot mix versions.
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Path, Query, Request, Response
+import orjson
+from fastapi import FastAPI, HTTPException, Path, Query, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from stream_rec.index import set_search_threads
 from stream_rec.metrics import ServingMetrics
 from stream_rec.serving.batcher import SearchBatcher
 from stream_rec.serving.state import ServingState, SnapshotWatcher
@@ -28,17 +29,75 @@ log = logging.getLogger(__name__)
 IdParam = Annotated[str, Path(min_length=1, max_length=256)]
 
 
+class Scored(BaseModel):
+    item_id: str
+    score: float
+
+
+class Recommended(BaseModel):
+    """The answer of ``/recommend``: documents the schema; bodies are written with orjson."""
+
+    user_id: str
+    version: int
+    watermark: int | None
+    fallback: bool
+    items: list[Scored]
+
+
+class Similar(BaseModel):
+    item_id: str
+    version: int
+    watermark: int | None
+    items: list[Scored]
+
+
+class _Observe:
+    """Counts and times every request per route, as plain ASGI middleware.
+
+    (Starlette's ``@app.middleware("http")`` wraps each response in a stream
+    and costs more than the search itself on this hot path.)
+    """
+
+    def __init__(self, app: Any, metrics: ServingMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = [500]
+
+        async def send_status(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", "other")
+            self.metrics.requests.labels(endpoint, str(status[0])).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+
+
+def _json(body: dict[str, Any]) -> Response:
+    """Serialise with orjson directly: the hot path skips response-model validation."""
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
 def create_app(store: SnapshotStore, cfg: ServeSettings | None = None,
                metrics: ServingMetrics | None = None, watch: bool = True) -> FastAPI:
     """The serving application over ``store``; ``watch=False`` leaves polling to the caller."""
     cfg = cfg or ServeSettings()
     metrics = metrics or ServingMetrics()
-    set_search_threads(cfg.search_threads)
     watcher = SnapshotWatcher(store, cfg.poll_interval_ms / 1000.0, metrics,
                               index_kind=cfg.index, nprobe=cfg.nprobe)
     KParam = Annotated[int, Query(ge=1, le=cfg.max_k, description="number of items")]
 
-    batcher = SearchBatcher(cfg.max_batch)
+    batcher = SearchBatcher(cfg.max_batch, cfg.search_threads)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -59,18 +118,10 @@ def create_app(store: SnapshotStore, cfg: ServeSettings | None = None,
             raise HTTPException(503, "no snapshot loaded yet")
         return current
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next: Callable[..., Any]) -> Any:
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "other")
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
-        return response
+    app.add_middleware(_Observe, metrics=metrics)
 
-    @app.get("/recommend/{user_id}")
-    async def recommend(user_id: IdParam, k: KParam = cfg.default_k) -> dict[str, Any]:
+    @app.get("/recommend/{user_id}", response_model=Recommended)
+    async def recommend(user_id: IdParam, k: KParam = cfg.default_k) -> Response:
         """Top-k unseen items for a user; unknown users get recently popular items."""
         current = ready()
         planned = current.plan(user_id)
@@ -80,18 +131,20 @@ def create_app(store: SnapshotStore, cfg: ServeSettings | None = None,
             query, exclude = planned
             hits = await asyncio.wrap_future(batcher.search(current.index, query, k, exclude))
             items, fallback = current.named(hits), False
-        return {"user_id": user_id, **current.meta(), "fallback": fallback,
-                "items": [{"item_id": i, "score": s} for i, s in items]}
+        return _json({"user_id": user_id, **current.meta(), "fallback": fallback,
+                      "items": [{"item_id": i, "score": s} for i, s in items]})
 
-    @app.get("/similar/{item_id}")
-    def similar(item_id: IdParam, k: KParam = cfg.default_k) -> dict[str, Any]:
+    @app.get("/similar/{item_id}", response_model=Similar)
+    async def similar(item_id: IdParam, k: KParam = cfg.default_k) -> Response:
         """Items nearest to an item in the embedding space."""
         current = ready()
-        hits = current.similar(item_id, k)
-        if hits is None:
+        planned = current.plan_similar(item_id)
+        if planned is None:
             raise HTTPException(404, f"unknown item {item_id!r}")
-        return {"item_id": item_id, **current.meta(),
-                "items": [{"item_id": i, "score": s} for i, s in hits]}
+        vector, exclude = planned
+        hits = await asyncio.wrap_future(batcher.search(current.index, vector, k, exclude))
+        return _json({"item_id": item_id, **current.meta(),
+                      "items": [{"item_id": i, "score": s} for i, s in current.named(hits)]})
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stream_rec.index import ItemIndex
+from stream_rec.index import ItemIndex, set_search_threads
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,9 @@ class _Request:
 class SearchBatcher:
     """One thread that searches queued requests in batches of up to ``max_batch``."""
 
-    def __init__(self, max_batch: int = 64) -> None:
+    def __init__(self, max_batch: int = 64, threads: int = 1) -> None:
         self.max_batch = max_batch
+        self.threads = threads
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self.batches = 0
         self.searched = 0
@@ -56,6 +57,8 @@ class SearchBatcher:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
+        # OpenMP's thread count is per calling thread: set it where searches run.
+        set_search_threads(self.threads)
         while True:
             first = self._queue.get()
             if first is None:

@@ -88,14 +88,20 @@ class ServingState:
         return [(self.state.item_ids[int(r)], float(n - i) / max(n, 1))
                 for i, r in enumerate(rows)]
 
-    def similar(self, item_id: str, k: int) -> list[tuple[str, float]] | None:
-        """Items closest to ``item_id`` by inner product; ``None`` if unknown."""
+    def plan_similar(self, item_id: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """The search ``/similar`` needs: (the item's vector (D,), itself to exclude)."""
         row = self.state.item_row(item_id)
         if row is None:
             return None
-        vec = self.state.tables["item.vectors"][row:row + 1]
-        hits = self.index.search(vec, k, [np.array([row], dtype=np.int64)])[0]
-        return [(self.state.item_ids[r], s) for r, s in hits]
+        return self.state.tables["item.vectors"][row], np.array([row], dtype=np.int64)
+
+    def similar(self, item_id: str, k: int) -> list[tuple[str, float]] | None:
+        """Items closest to ``item_id`` by inner product; ``None`` if unknown."""
+        planned = self.plan_similar(item_id)
+        if planned is None:
+            return None
+        vector, exclude = planned
+        return self.named(self.index.search(vector[None, :], k, [exclude])[0])
 
 
 class SnapshotWatcher:
