@@ -141,7 +141,7 @@ def main() -> None:
     ap.add_argument("--serve-seconds", type=float, default=8.0)
     ap.add_argument("--nprobe", type=int, default=16)
     ap.add_argument("--dir", default=None, help="store directory (default: a temp dir)")
-    ap.add_argument("--out", default="results/bench_snapshot.json")
+    ap.add_argument("--out", default="docs/results/bench_snapshot.json")
     args = ap.parse_args()
 
     set_search_threads(1)  # as `stream-rec serve` does by default

@@ -27,7 +27,7 @@ from stream_rec.events import encode_event  # noqa: E402
 from stream_rec.ingest.kafka import ensure_topics, make_producer  # noqa: E402
 from stream_rec.settings import KafkaSettings  # noqa: E402
 
-RESULTS = ROOT / "results"
+RESULTS = ROOT / "docs" / "results"
 PLOTS = ROOT / "docs" / "img"
 
 

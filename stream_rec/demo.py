@@ -137,10 +137,21 @@ def run_demo(settings: Settings, *, rate: float = 4000.0, limit: int | None = No
         worker = _spawn(["worker"], workdir / "worker.log", env)
         server = _spawn(["serve"], workdir / "server.log", env)
         wait_for_port("127.0.0.1", port, 60.0, server)
-        probe_thread = threading.Thread(target=probe.run, daemon=True)
-        probe_thread.start()
         events = (dict(user_id=int(r["user"]), item_id=int(r["item"]), ts=int(r["ts"]),
                        event="click") for r in data)
+        # The first click goes alone: once it is served, the worker has joined its
+        # group and freshness measures the stream, not the start-up.
+        produce(settings.kafka, [next(events)], progress=False)
+        print("waiting for the worker to join and publish its first version…", flush=True)
+        with httpx.Client(base_url=probe.base_url, timeout=2.0) as client:
+            deadline = time.monotonic() + 90
+            while client.get("/readyz").status_code != 200:
+                if worker.poll() is not None or time.monotonic() > deadline:
+                    print(f"the worker did not publish; see {workdir / 'worker.log'}")
+                    return 1
+                time.sleep(0.1)
+        probe_thread = threading.Thread(target=probe.run, daemon=True)
+        probe_thread.start()
         progress = threading.Thread(
             target=produce, args=(settings.kafka, events),
             kwargs=dict(rate=rate, progress=False, on_sent=probe.on_sent), daemon=True)
