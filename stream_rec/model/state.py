@@ -53,7 +53,11 @@ class ModelState:
       ``seen_indptr`` (U + 1,) / ``seen_items`` i64 (CSR of each user's seen item rows),
       ``replay_user`` / ``replay_item`` / ``replay_weight`` / ``replay_hist`` (recent events),
       ``free_users`` / ``free_items`` i64 (rows free for reuse),
-      ``pending_user_ids`` / ``pending_user_counts`` (and ``item``) for admission.
+      ``pending_user_ids`` / ``pending_user_counts`` (and ``item``) for admission,
+      ``chunk_user`` / ``chunk_item`` / ``chunk_weight`` (C',) and ``chunk_hist`` /
+      ``chunk_bucket`` (C', H) learned events of the incomplete training chunk,
+      ``chunk_fill`` (1,) stream events in it, ``chunk_new_users`` / ``chunk_new_items``
+      rows allocated in it (initialised when it completes).
     """
 
     config: dict[str, Any]
