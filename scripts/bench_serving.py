@@ -183,6 +183,7 @@ def main() -> None:
                     raise TimeoutError("server never became ready")
                 time.sleep(0.5)
             got = served_answers(port, users[:300])
+            (run_wrk if use_wrk else run_level)(port, users, 8, 2.0)  # warm-up, not reported
             recall = float(np.mean([len(set(got[u]) & set(truth[u])) / 10 for u in got]))
             for c in levels:
                 if use_wrk:
