@@ -246,7 +246,6 @@ class StreamingModel:
         m = 0
         if self._t_ref is None and n:
             self._t_ref = int(ts[0])
-        users, items = self._users, self._items
         live = before_event is not None
         ex_j = np.empty(n, dtype=np.int64)
         # log of each event's popularity mass, relative to t_ref (float64)
@@ -260,16 +259,7 @@ class StreamingModel:
             assert before_event is not None
             for j in range(n):
                 before_event(j)
-                u, u_new = users.lookup(str(user_ids[j]))
-                i, i_new = items.lookup(str(item_ids[j]))
-                if u_new:
-                    self._grow_users(u + 1)
-                    new_u.append(u)
-                    if u == len(self._seen):
-                        self._seen.append(set())
-                if i_new:
-                    self._grow_items(i + 1)
-                    new_i.append(i)
+                u, i = self._lookup(user_ids[j], item_ids[j], new_u, new_i)
                 if u < 0 or i < 0:
                     continue
                 t = int(ts[j])
@@ -346,6 +336,21 @@ class StreamingModel:
         if all_items_changed:
             ch_i.append(np.arange(self.n_items, dtype=np.int64))
 
+    def _lookup(self, user_id: object, item_id: object, new_u: list[int],
+                new_i: list[int]) -> tuple[int, int]:
+        """Rows of one event's ids (-1 while not admitted), growing tables for new ids."""
+        u, u_new = self._users.lookup(str(user_id))
+        i, i_new = self._items.lookup(str(item_id))
+        if u_new:
+            self._grow_users(u + 1)
+            new_u.append(u)
+            if u == len(self._seen):
+                self._seen.append(set())
+        if i_new:
+            self._grow_items(i + 1)
+            new_i.append(i)
+        return u, i
+
     def _fast_path_bulk(self, user_ids: Sequence[str], item_ids: Sequence[str], ts: np.ndarray,
                         w_in: np.ndarray, ex_u: np.ndarray, ex_i: np.ndarray, ex_w: np.ndarray,
                         ex_h: np.ndarray, ex_t: np.ndarray, ex_j: np.ndarray, new_u: list[int],
@@ -359,22 +364,10 @@ class StreamingModel:
         (m, new watermark). Ends in exactly the state of the per-event loop.
         """
         n = len(ts)
-        users, items = self._users, self._items
         rows_u = np.empty(n, dtype=np.int64)
         rows_i = np.empty(n, dtype=np.int64)
         for j in range(n):
-            u, u_new = users.lookup(str(user_ids[j]))
-            i, i_new = items.lookup(str(item_ids[j]))
-            if u_new:
-                self._grow_users(u + 1)
-                new_u.append(u)
-                if u == len(self._seen):
-                    self._seen.append(set())
-            if i_new:
-                self._grow_items(i + 1)
-                new_i.append(i)
-            rows_u[j] = u
-            rows_i[j] = i
+            rows_u[j], rows_i[j] = self._lookup(user_ids[j], item_ids[j], new_u, new_i)
         keep = np.flatnonzero((rows_u >= 0) & (rows_i >= 0))
         m = len(keep)
         if m == 0:
