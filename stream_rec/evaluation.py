@@ -345,7 +345,9 @@ def _handle(args: argparse.Namespace) -> int:
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``eval`` subcommand on an argparse subparsers object."""
     p = subparsers.add_parser("eval", help="prequential evaluation of the model vs baselines",
-                              description=__doc__.split("\n\n")[0])
+                              description=__doc__.split("\n\n")[0],
+                              epilog="example:\n  stream-rec eval --dataset ml-100k --json",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="ml-100k", help="ml-100k or a JSONL/CSV events file")
     p.add_argument("--warmup", type=float, default=0.1, help="fraction learned before testing")
     p.add_argument("--sample-every", type=int, default=25, help="test 1 in N events")
