@@ -250,7 +250,7 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
         tested[start + (seed % sample_every)::sample_every] = True
     model = StreamingModel(cfg, device=device)
     with_baselines = baselines
-    baselines: dict[str, _Baseline] = {} if not with_baselines else {
+    runners: dict[str, _Baseline] = {} if not with_baselines else {
         "popularity": PopularityBaseline(),
         "decayed_popularity": DecayedPopularityBaseline(cfg.pop_half_life_ms),
         "cooccurrence": CooccurrenceBaseline(cfg.history),
@@ -268,9 +268,9 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
             t0 = time.perf_counter()
             if tested[b0 + j]:
                 mm.add(_model_rank(model, bu[j], bi[j]))
-                for bl in baselines.values():
+                for bl in runners.values():
                     bl.test(bu[j], bi[j], int(bt[j]))
-            for bl in baselines.values():
+            for bl in runners.values():
                 bl.learn(bu[j], bi[j], int(bt[j]), float(bw[j]))
             test_s += time.perf_counter() - t0
 
@@ -283,7 +283,7 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
     res = mm.result()
     return {
         "model": res,
-        "baselines": {k: v.metrics.result() for k, v in baselines.items()},
+        "baselines": {k: v.metrics.result() for k, v in runners.items()},
         "events_per_s": res["events_per_s"],
         "n_events": n,
         "n_tested": mm.n,
@@ -304,9 +304,9 @@ def _model_rank(model: StreamingModel, user: str, item: str) -> int | None:
         pop = model._pop[: model.n_items]
         scores = np.where(live & np.isfinite(pop), pop, -np.inf)
         return _rank(scores, target, ())
-    scores = model.score_user(user)
-    assert scores is not None
-    scores = np.where(live, scores, -np.inf)
+    user_scores = model.score_user(user)
+    assert user_scores is not None
+    scores = np.where(live, user_scores, -np.inf)
     return _rank(scores, target, model.seen_rows(row))
 
 

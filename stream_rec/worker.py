@@ -142,7 +142,7 @@ def serve_health(worker: Worker, port: int, host: str = "0.0.0.0") -> Any:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self) -> None:
             if self.path.split("?", 1)[0] == "/healthz":
                 ok, body = worker.health.check()
                 data, ctype, code = json.dumps(body).encode(), "application/json", \

@@ -60,7 +60,7 @@ class ItemIndex:
             rng = np.random.default_rng(0)
             sample = vectors[rng.choice(n, min(n, 64 * nlist), replace=False)]
             ivf.train(sample)
-            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
             ivf.nprobe = nprobe
             ivf.add_with_ids(vectors, np.arange(n, dtype=np.int64))
             idx.index = ivf
@@ -79,7 +79,8 @@ class ItemIndex:
     def _storage(self) -> np.ndarray:
         """A writable (ntotal, D) view of a flat index's vectors (re-fetch after every add)."""
         n = int(self.index.ntotal)
-        return faiss.rev_swig_ptr(self.index.get_xb(), n * self.dim).reshape(n, self.dim)
+        xb = self.index.get_xb()  # type: ignore[attr-defined]
+        return faiss.rev_swig_ptr(xb, n * self.dim).reshape(n, self.dim)
 
     def upsert(self, rows: np.ndarray, vectors: np.ndarray) -> None:
         """Set the vectors of item ``rows`` (B,) to ``vectors`` (B, D), in place."""

@@ -41,9 +41,9 @@ class DeadLetterWriter:
 
     def send(self, err: DeadLetter) -> None:
         value = err.value
-        truncated = value is not None and len(value) > MAX_DLQ_VALUE
-        if truncated:
-            value = value[:MAX_DLQ_VALUE]
+        truncated = False
+        if value is not None and len(value) > MAX_DLQ_VALUE:
+            value, truncated = value[:MAX_DLQ_VALUE], True
         self.producer.send(self.topic, key=err.key, value=value,
                            headers=dead_letter_headers(err, truncated))
         self.sent += 1

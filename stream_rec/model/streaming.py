@@ -96,7 +96,7 @@ class StreamingModel:
         self._watermark: int | None = None
         cap_u = cap_i = 16
         D, H = c.dim, c.history
-        f32 = {"dtype": torch.float32, "device": self.device}
+        f32: dict[str, Any] = {"dtype": torch.float32, "device": self.device}
         # slow-path parameters (device)
         self._U = torch.zeros(cap_u, D, **f32)
         self._U_acc = torch.zeros(cap_u, **f32)
@@ -665,8 +665,8 @@ class StreamingModel:
         params += [U] if c.use_user_vector else []
         params += [Mv] if c.transition else []
         grads = torch.autograd.grad(loss, params[1:] if c.tied else params)
-        if c.tied:
-            grads = (None,) + grads
+        if c.tied:  # the tied table's gradient arrives through the output side
+            grads = (None,) + grads  # type: ignore[assignment]
         lr = c.lr
         with torch.no_grad():
             if c.tied:

@@ -15,8 +15,8 @@ from typing import Annotated, Any
 import orjson
 from fastapi import FastAPI, HTTPException, Path, Query, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from stream_rec.metrics import ServingMetrics
 from stream_rec.serving.batcher import SearchBatcher

@@ -43,12 +43,13 @@ class ServingState:
         self.state = snapshot.state
         vectors = self.state.tables["item.vectors"]
         rows = snapshot.changed_items
+        self.index: ItemIndex
         if previous is not None and rows is not None \
                 and snapshot.base_version == previous.version \
                 and previous.index.kind == index_kind:
-            dead = np.array([r for r in rows.tolist() if not self.state.item_ids[r]],
-                            dtype=np.int64)
-            self.index = previous.index.refreshed(rows, vectors[rows], dead)
+            expired = np.array([r for r in rows.tolist() if not self.state.item_ids[r]],
+                               dtype=np.int64)
+            self.index = previous.index.refreshed(rows, vectors[rows], expired)
         else:
             ids = np.asarray(self.state.item_ids, dtype=object)
             dead = np.flatnonzero(ids == "") if len(ids) else None

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 import numpy as np
 import orjson
+from fsspec.implementations.local import LocalFileSystem
 
 from stream_rec.faults import failpoint
 from stream_rec.model import ModelState
@@ -305,7 +305,7 @@ class SnapshotStore:
             except (ValueError, KeyError, IndexError) as exc:
                 raise CorruptSnapshot(
                     f"deltas up to v{manifests[-1].version} do not apply: {exc}") from None
-        if from_base:
+        if from_base and base is not None:
             rows = np.unique(np.concatenate(changed)) if changed else np.zeros(0, np.int64)
             return Snapshot(manifests[-1], state, changed_items=rows, base_version=base.version)
         return Snapshot(manifests[-1], state)
