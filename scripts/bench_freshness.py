@@ -33,6 +33,7 @@ from benchlib import ROOT, broker, percentiles, plot, write_result
 
 from stream_rec import datasets
 from stream_rec.broker import free_port, wait_for_port
+from stream_rec.demo import settle
 from stream_rec.events import encode_event
 from stream_rec.ingest.kafka import ensure_topics, make_producer
 from stream_rec.producer import RateLimiter
@@ -77,13 +78,7 @@ class Probe:
                         self.offsets_of[version] = m.offsets.get(self.topic, {})
                     served = self.offsets_of[version]
                     with self.lock:
-                        keep = []
-                        for p, o, t in self.pending:
-                            if o < served.get(p, 0):
-                                self.latencies.append(now - t)
-                            else:
-                                keep.append((p, o, t))
-                        self.pending = keep
+                        self.pending = settle(self.pending, served, now, self.latencies)
                 time.sleep(0.01)
 
 
@@ -189,7 +184,7 @@ def main() -> None:
         ax.set_title("End-to-end freshness (CDF)")
         ax.legend()
 
-    plot("freshness_cdf.png", draw)
+    plot("freshness_cdf_quick.png" if args.quick else "freshness_cdf.png", draw)
     summary = {"rates": {r: {k: v for k, v in res.items() if k != "latencies"}
                          for r, res in results.items()}}
     write_result("bench_freshness_quick" if args.quick else "bench_freshness", summary)

@@ -221,7 +221,7 @@ def main() -> None:
         ax.set_title("/recommend latency vs concurrency")
         ax.legend(fontsize=8)
 
-    plot("serving_latency.png", draw)
+    plot("serving_latency_quick.png" if args.quick else "serving_latency.png", draw)
     summary = {"index_alone_rps": alone, "results": results,
                "load_generator": "wrk" if use_wrk else "python-asyncio"}
     write_result("bench_serving_quick" if args.quick else "bench_serving", summary)

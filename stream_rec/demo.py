@@ -34,6 +34,19 @@ log = logging.getLogger(__name__)
 SAMPLE_EVERY = 20
 
 
+def settle(pending: list[tuple[int, int, float]], served: dict[int, int], now: float,
+           latencies: list[float]) -> list[tuple[int, int, float]]:
+    """Record ``now - sent`` for each pending (partition, offset, sent) that ``served``
+    offsets include; return those still waiting."""
+    keep = []
+    for p, o, sent in pending:
+        if o < served.get(p, 0):
+            latencies.append(now - sent)
+        else:
+            keep.append((p, o, sent))
+    return keep
+
+
 class FreshnessProbe:
     """Matches produced events to the first served version that includes them."""
 
@@ -76,13 +89,7 @@ class FreshnessProbe:
                     offsets = {int(p): o for p, o in body["offsets"].get(self.topic, {}).items()}
                     self.served_offsets = offsets
                     with self.lock:
-                        keep = []
-                        for p, o, sent in self.pending:
-                            if o < offsets.get(p, 0):
-                                self.latencies.append(now - sent)
-                            else:
-                                keep.append((p, o, sent))
-                        self.pending = keep
+                        self.pending = settle(self.pending, offsets, now, self.latencies)
                 time.sleep(0.02)
 
 
