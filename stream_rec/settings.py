@@ -105,6 +105,7 @@ class ServeSettings(BaseModel):
     nprobe: int = Field(16, ge=1)  # IVF lists searched per query: recall vs latency
     search_threads: int = Field(1, ge=1)  # FAISS threads per search (requests run in parallel)
     max_batch: int = Field(64, ge=1)  # concurrent /recommend searches coalesced into one
+    workers: int = Field(1, ge=1)  # server processes on the port, each with its own index
 
 
 class Settings(BaseSettings):

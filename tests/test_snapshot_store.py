@@ -15,7 +15,8 @@ from stream_rec.snapshot import CorruptSnapshot, SnapshotStore
 
 
 def trained_state(n: int = 600, seed: int = 0):
-    model = StreamingModel(ModelConfig(dim=16, seed=seed), device="cpu")
+    """A small state whose vectors were really trained (chunks of 100 events)."""
+    model = StreamingModel(ModelConfig(dim=16, seed=seed, train_chunk=100), device="cpu")
     evs = list(itertools.islice(datasets.iter_synthetic(n_users=50, n_items=80, seed=seed), n))
     for chunk in range(0, n, 200):
         batch = evs[chunk:chunk + 200]

@@ -7,6 +7,7 @@ from that state, so a swap in the middle of a request cannot mix versions.
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -167,9 +168,34 @@ def create_app(store: SnapshotStore, cfg: ServeSettings | None = None,
 
 
 def serve(store: SnapshotStore, cfg: ServeSettings) -> None:
-    """Run the server in the foreground until SIGTERM or Ctrl+C."""
+    """Run the server in the foreground until SIGTERM or Ctrl+C.
+
+    With ``cfg.workers`` > 1, uvicorn runs that many processes on the same port,
+    each with its own copy of the snapshot and index: HTTP handling is bound to
+    one core per process, so more processes answer more requests per second.
+    """
     import uvicorn
 
-    app = create_app(store, cfg)
-    log.info("serving on http://%s:%d from %s", cfg.host, cfg.port, store.url)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+    log.info("serving on http://%s:%d from %s (%d process%s)", cfg.host, cfg.port, store.url,
+             cfg.workers, "es" if cfg.workers > 1 else "")
+    if cfg.workers > 1:
+        # Worker processes rebuild the app from the environment: pass the effective values.
+        os.environ["STREAM_REC_STORE__PATH"] = store.url
+        os.environ["STREAM_REC_STORE__KEEP_VERSIONS"] = str(store.keep_versions)
+        for name, value in cfg.model_dump().items():
+            os.environ[f"STREAM_REC_SERVE__{name.upper()}"] = str(value)
+        uvicorn.run("stream_rec.serving.app:app_from_environment", factory=True,
+                    host=cfg.host, port=cfg.port, workers=cfg.workers, log_level="warning",
+                    access_log=False)
+        return
+    uvicorn.run(create_app(store, cfg), host=cfg.host, port=cfg.port, log_level="warning",
+                access_log=False)
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one serving process, configured from settings (file + environment)."""
+    from stream_rec.settings import load_settings
+
+    settings = load_settings()
+    return create_app(SnapshotStore(settings.store.path, settings.store.keep_versions),
+                      settings.serve)
