@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -92,9 +91,3 @@ class LocalBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-@contextlib.contextmanager
-def local_broker(port: int = 0) -> Iterator[LocalBroker]:
-    with LocalBroker(port) as broker:
-        yield broker

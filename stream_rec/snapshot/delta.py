@@ -37,10 +37,6 @@ class StateDelta:
     seen_indptr: np.ndarray  # (Bu + 1,) CSR over user_rows
     seen_items: np.ndarray
 
-    @property
-    def rows_changed(self) -> int:
-        return int(len(self.user_rows) + len(self.item_rows))
-
 
 def _rows(rows: np.ndarray | None, n: int) -> np.ndarray:
     if rows is None:
