@@ -32,7 +32,7 @@ import numpy as np
 from benchlib import ROOT, broker, percentiles, plot, write_result
 
 from stream_rec import datasets
-from stream_rec.broker import free_port, wait_for_port
+from stream_rec.broker import free_port, stop_process, wait_for_port
 from stream_rec.demo import settle
 from stream_rec.events import encode_event
 from stream_rec.ingest.kafka import ensure_topics, make_producer
@@ -169,10 +169,7 @@ def main() -> None:
             for p in procs:
                 p.send_signal(signal.SIGTERM)
             for p in procs:
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+                stop_process(p)
 
     def draw(ax):
         for rate, res in results.items():

@@ -46,6 +46,20 @@ def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout_s:.0f} s")
 
 
+def stop_process(proc: subprocess.Popen | None, timeout_s: float = 30.0) -> int | None:
+    """SIGTERM, wait up to ``timeout_s``, then SIGKILL; returns the exit code (None: no process)."""
+    if proc is None:
+        return None
+    if proc.poll() is not None:
+        return proc.returncode
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
 class LocalBroker:
     """A Tansu broker subprocess on ``host:port`` (a free port when ``port`` is 0)."""
 
@@ -77,14 +91,7 @@ class LocalBroker:
         return self
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, timeout_s)
 
     def __enter__(self) -> LocalBroker:
         return self.start()

@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 
 from stream_rec import datasets
-from stream_rec.broker import LocalBroker, free_port, wait_for_port
+from stream_rec.broker import LocalBroker, free_port, stop_process, wait_for_port
 from stream_rec.producer import produce
 from stream_rec.settings import Settings
 
@@ -97,17 +97,6 @@ def _spawn(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.P
     out = open(log_path, "ab")  # noqa: SIM115 - lives as long as the child
     return subprocess.Popen([sys.executable, "-m", "stream_rec", *args], stdout=out,
                             stderr=subprocess.STDOUT, env=env)
-
-
-def _stop(proc: subprocess.Popen[bytes] | None, timeout_s: float = 30.0) -> int | None:
-    if proc is None or proc.poll() is not None:
-        return None if proc is None else proc.returncode
-    proc.terminate()
-    try:
-        return proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
 
 
 def _fmt_items(items: list[dict[str, Any]], n: int = 5) -> str:
@@ -188,8 +177,8 @@ def run_demo(settings: Settings, *, rate: float = 4000.0, limit: int | None = No
         return 0 if served == total else 1
     finally:
         probe.stop.set()
-        _stop(server)
-        code = _stop(worker)
+        stop_process(server)
+        code = stop_process(worker)
         if code not in (0, None):
             print(f"worker exited with code {code}; see {workdir / 'worker.log'}")
         if broker:

@@ -21,7 +21,7 @@ import pytest
 from kafka import TopicPartition
 
 from stream_rec import datasets
-from stream_rec.broker import free_port, wait_for_port
+from stream_rec.broker import free_port, stop_process, wait_for_port
 from stream_rec.events import encode_event
 from stream_rec.ingest.kafka import ensure_topics, make_consumer, make_producer
 from stream_rec.settings import KafkaSettings
@@ -188,7 +188,4 @@ def test_stream_to_answers_with_dead_letters_and_restarts(kafka_cfg: KafkaSettin
         worker.send_signal(signal.SIGTERM)
         server.send_signal(signal.SIGTERM)
         for proc in (worker, server):
-            try:
-                proc.wait(30)
-            except Exception:
-                proc.kill()
+            stop_process(proc)

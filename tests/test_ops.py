@@ -16,7 +16,6 @@ import collections
 import itertools
 import json
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -27,11 +26,10 @@ import pytest
 from kafka import TopicPartition
 
 from stream_rec import cli, datasets
-from stream_rec.broker import free_port, wait_for_port
+from stream_rec.broker import free_port, stop_process, wait_for_port
 from stream_rec.events import DeadLetter, Origin, encode_event
 from stream_rec.ingest.dlq import DeadLetterWriter
-from stream_rec.ingest.kafka import ensure_topics, make_consumer, make_producer
-from stream_rec.ingest.kafka import end_offsets
+from stream_rec.ingest.kafka import end_offsets, ensure_topics, make_consumer, make_producer
 from stream_rec.settings import KafkaSettings
 from stream_rec.snapshot import SnapshotStore
 from tests.conftest import env_for, spawn, wait_until
@@ -57,10 +55,7 @@ def _stop(*procs: Any) -> None:
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
     for proc in procs:
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 def _snapshot_offsets(store: Path, topic: str) -> dict[int, int]:

@@ -16,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from stream_rec.broker import LocalBroker, free_port
+from stream_rec.broker import LocalBroker, free_port, stop_process
 from stream_rec.ingest.kafka import ensure_topics
 from stream_rec.settings import KafkaSettings
 from tests.conftest import env_for, spawn, wait_until
@@ -81,11 +81,7 @@ def test_worker_rides_out_a_frozen_broker(tmp_path: Path) -> None:
             if stopped:
                 os.kill(broker.proc.pid, signal.SIGCONT)
             feeder.stop.set()
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except Exception:
-                worker.kill()
+            stop_process(worker)
         text = log.read_text(errors="replace")
         assert "stalled: no answer from the broker" in text
         assert "broker answers again" in text

@@ -9,7 +9,6 @@ another) would name an item its version does not hold. Zero errors allowed.
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from stream_rec.broker import free_port, wait_for_port
+from stream_rec.broker import free_port, stop_process, wait_for_port
 from stream_rec.model import ModelConfig, StreamingModel
 from stream_rec.settings import KafkaSettings
 from stream_rec.snapshot import SnapshotStore, delta_from_state
@@ -110,11 +109,7 @@ def test_answers_come_from_one_whole_version_during_a_publish_storm(tmp_path: Pa
             sent = sum(f.result() for f in futures)
     finally:
         done.set()
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(20)
-        except Exception:
-            server.kill()
+        stop_process(server, 20)
     assert not errors, f"{len(errors)} errors, e.g. {errors[:3]}"
     versions = sorted({v for v, _ in answers})
     held = {v: set(store.load(v).state.item_ids) for v in versions}

@@ -14,11 +14,11 @@ member while another member is present, a broker-side limitation.)
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import pytest
 
+from stream_rec.broker import stop_process
 from stream_rec.ingest.kafka import ensure_topics
 from stream_rec.settings import KafkaSettings
 from tests.conftest import env_for, spawn, wait_until
@@ -45,11 +45,7 @@ def test_batch_overrunning_poll_interval_is_not_applied_twice(kafka_cfg: KafkaSe
                    what="the worker to publish every produced offset")
     finally:
         feeder.stop.set()
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(30)
-        except Exception:
-            worker.kill()
+        stop_process(worker)
     text = log.read_text(errors="replace")
     assert "partitions lost" in text or "partitions revoked: [0, 1, 2, 3]" in text
     assert "overran max_poll_interval_ms" in text
