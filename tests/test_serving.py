@@ -172,3 +172,24 @@ def test_batched_searches_answer_exactly_as_single_ones() -> None:
     batcher.close()
     assert [[r for r, _ in g] for g in got] == [[r for r, _ in w] for w in want]
     assert batcher.searched == 200 and batcher.batches <= 200
+
+
+def test_matrix_product_search_matches_faiss_with_exclusions_and_tombstones() -> None:
+    from stream_rec.index.item_index import GEMM_MIN_QUERIES
+
+    rng = np.random.default_rng(3)
+    vecs = rng.normal(size=(3000, 16)).astype(np.float32)
+    idx = ItemIndex.build(vecs)
+    idx.tombstone(rng.choice(3000, 40, replace=False))
+    queries = rng.normal(size=(3 * GEMM_MIN_QUERIES, 16)).astype(np.float32)
+    excludes = [rng.choice(3000, rng.integers(0, 200), replace=False) for _ in queries]
+    batched = idx.search(queries, 10, excludes)  # one matrix product
+    for q, e, got in zip(queries, excludes, batched):
+        want = idx.search(q[None, :], 10, [e])[0]  # FAISS, one query
+        assert [r for r, _ in got] == [r for r, _ in want]
+        assert np.allclose([s for _, s in got], [s for _, s in want], atol=1e-4)
+        assert not set(r for r, _ in got) & (set(e.tolist()) | idx.dead)
+    tiny = ItemIndex.build(vecs[:5])
+    tiny.tombstone(np.array([1]))
+    answers = tiny.search(queries, 10, [np.array([0])] * len(queries))
+    assert all(sorted(r for r, _ in a) == [2, 3, 4] for a in answers)  # fewer than k exist
