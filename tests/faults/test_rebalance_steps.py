@@ -138,3 +138,54 @@ def test_an_overrunning_batch_is_not_published_and_lost_partitions_not_committed
     worker.commit({0: 5, 1: 7})
     assert consumer.commits == [{0: 5}]
     worker.publisher.close()
+
+
+def test_a_rebalance_while_a_batch_learns_discards_that_batch(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    consumer = ScriptedConsumer([], owned={0})
+    worker = _worker(tmp_path, consumer)
+    worker.apply([_rec(0, o) for o in range(5)], NoDeadLetters())
+    worker.checkpoint(NoDeadLetters())
+    assert worker.publisher.wait_idle(30)
+    worker.commit_published()
+    learn = StreamingModel.learn
+
+    def slow_learn(self: StreamingModel, *args: Any, **kw: Any) -> Any:
+        time.sleep(0.3)  # still learning when the rebalance comes
+        return learn(self, *args, **kw)
+
+    monkeypatch.setattr(StreamingModel, "learn", slow_learn)
+    worker.start_learning(worker.prepare([_rec(0, o) for o in range(5, 12)]))
+    listener = _SeekToSnapshot(worker)
+    tp = {TopicPartition(TOPIC, 0)}
+
+    def rebalance() -> None:
+        listener.on_partitions_revoked(tp)
+        listener.on_partitions_assigned(tp)
+
+    consumer.script = [rebalance, [_rec(0, o) for o in range(5, 12)]]
+    records = worker.poll_batch(100, 1000)
+    assert worker._inflight is None and consumer.seeks == {0: 5}
+    assert worker.offsets == {0: 5} and worker.events == 5
+    assert int(worker.model.state().tables["user.events"].sum()) == 5
+    worker.apply(records, NoDeadLetters())
+    assert worker.offsets == {0: 12} and worker.events == 12
+    assert int(worker.model.state().tables["user.events"].sum()) == 12
+    worker.publisher.close()
+
+
+def test_a_training_failure_is_raised_on_the_polling_thread(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    worker = _worker(tmp_path, ScriptedConsumer([], owned={0}))
+
+    def broken_learn(self: StreamingModel, *args: Any, **kw: Any) -> Any:
+        raise ValueError("boom")
+
+    monkeypatch.setattr(StreamingModel, "learn", broken_learn)
+    worker.start_learning(worker.prepare([_rec(0, o) for o in range(5)]))
+    with pytest.raises(RuntimeError, match="training failed: ValueError\\('boom'\\)"):
+        worker.finish_learning(NoDeadLetters())
+    assert worker.offsets == {} and worker.events == 0 and not worker.dirty
+    worker.publisher.close()
