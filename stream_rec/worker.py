@@ -7,12 +7,6 @@ newest valid version and seeks every assigned partition to the offsets it
 records (partitions it does not record start from the beginning). A crash at
 any instant therefore loses nothing and applies nothing twice relative to the
 restored state.
-
-Training overlaps consumption: while one micro-batch learns on the training
-thread, the polling thread (the only one that touches the consumer) polls and
-decodes the next. One batch is in flight at most; it is finished (offsets
-advanced, changed rows recorded) on the polling thread before anything reads
-the model, publishes, or starts the next batch.
 """
 
 from __future__ import annotations
@@ -22,8 +16,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,12 +24,12 @@ from kafka import ConsumerRebalanceListener, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from stream_rec.events import DeadLetter, decode_batch
+from stream_rec.events import Decoded, decode_batch
 from stream_rec.faults import failpoint
 from stream_rec.ingest.dlq import DeadLetterWriter
 from stream_rec.ingest.kafka import ensure_topics, make_consumer, make_producer
 from stream_rec.metrics import WorkerMetrics, dead_letter_reason_label
-from stream_rec.model import Changed, StreamingModel
+from stream_rec.model import StreamingModel
 from stream_rec.settings import Settings
 from stream_rec.snapshot import Manifest, SnapshotStore
 from stream_rec.snapshot.publisher import FullPolicy, Publisher, PublishJob
@@ -45,7 +37,6 @@ from stream_rec.snapshot.publisher import FullPolicy, Publisher, PublishJob
 log = logging.getLogger(__name__)
 
 FIRST_RECORD_WAIT_MS = 500
-LEARNING_POLL_MS = 5  # poll timeout while a batch learns, to notice promptly that it is done
 
 
 class _SeekToSnapshot(ConsumerRebalanceListener):
@@ -189,31 +180,6 @@ class Bounds:
     stop: dict[int, int]
 
 
-@dataclass
-class _Batch:
-    """One decoded micro-batch, from the polling thread to the training thread and back."""
-
-    records: int  # records it covers (0: it only marks bounded partitions as done)
-    users: list[str]
-    items: list[str]
-    ts: np.ndarray
-    weights: np.ndarray
-    dead: list[DeadLetter]
-    offsets: dict[int, int]  # each partition's next offset once the batch is applied
-    seconds: float  # decoding, then training
-    learning: Future[Changed | None] | None = None
-
-
-def _learn(model: StreamingModel, batch: _Batch) -> Changed | None:
-    """The training thread's whole job: apply one batch to the model."""
-    if not batch.users:
-        return None
-    t0 = time.perf_counter()
-    changed = model.learn(batch.users, batch.items, batch.ts, batch.weights)
-    batch.seconds += time.perf_counter() - t0
-    return changed
-
-
 class Worker:
     """One consumer, one model, one snapshot store.
 
@@ -249,9 +215,6 @@ class Worker:
         self.rebalances = 0  # partitions revoked or lost so far (records in hand are stale)
         self._last_poll = time.monotonic()  # when the consumer was last polled
         self.health = Health(settings.worker.stall_after_s)
-        # One training thread and at most one batch on it; its thread starts on first use.
-        self._trainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-train")
-        self._inflight: _Batch | None = None
 
     # -- lifecycle -------------------------------------------------------
     def restore(self) -> StreamingModel:
@@ -296,27 +259,21 @@ class Worker:
         last_publish = time.monotonic()
         try:
             while not self.stop_requested.is_set() and not self.reached_end():
-                # Poll and decode the next batch while the one in flight learns.
                 records = self.poll_batch(wcfg.batch_max_events, wcfg.batch_max_ms)
-                batch = self.prepare(records) if records else None
-                self.finish_learning(dlq)
+                if records:
+                    self.apply(records, dlq)
                 self.commit_published()
                 due = time.monotonic() - last_publish >= wcfg.publish_interval_ms / 1000.0
                 if self.dirty and due and not self.publisher.busy() and self.still_member():
                     self.checkpoint(dlq)
                     last_publish = time.monotonic()
-                if batch is not None:
-                    self.start_learning(batch)
-            # Shutdown: finish the batch in flight, let the version in flight land,
-            # publish the rest, commit.
-            self.finish_learning(dlq)
+            # Shutdown: let the version in flight land, publish the rest, commit.
             self.publisher.wait_idle()
             if self.dirty and self.still_member():
                 self.checkpoint(dlq)
                 self.publisher.wait_idle()
             self.commit_published()
         finally:
-            self._trainer.shutdown(wait=True)  # no thread touches the model after run()
             self.publisher.close()
             self.consumer.close(autocommit=False)
             dlq.close()
@@ -339,20 +296,8 @@ class Worker:
         """For a bounded run: has every partition reached its stop offset?"""
         if self.bounds is None:
             return False
-        offsets = self._offsets_ahead()  # the batch in flight counts: it will be applied
-        return all(offsets.get(p, self.bounds.start.get(p, 0)) >= end
+        return all(self.offsets.get(p, self.bounds.start.get(p, 0)) >= end
                    for p, end in self.bounds.stop.items())
-
-    def _offsets_ahead(self) -> dict[int, int]:
-        """The offsets once the batch in flight is applied (``offsets`` when none is)."""
-        batch = self._inflight
-        if batch is None:
-            return self.offsets
-        ahead = dict(self.offsets)
-        for p, o in batch.offsets.items():
-            if o > ahead.get(p, -1):
-                ahead[p] = o
-        return ahead
 
     def still_member(self) -> bool:
         """May the worker publish what it holds? Not after overrunning the poll interval.
@@ -383,11 +328,10 @@ class Worker:
         self.rebalances += 1
         if self.publisher is None or self.model is None:
             return
-        discarded = self._discard_learning()
         self.publisher.wait_idle()
         published = self.publisher.parent
         target = dict(published.offsets.get(self.kafka.topic, {})) if published else {}
-        if target == self.offsets and not discarded:
+        if target == self.offsets:
             return  # nothing learnt since the last durable version
         log.warning("rebalance: discarding events learnt after version %s (offsets %s -> %s)",
                     published.version if published else None, self.offsets, target)
@@ -405,45 +349,19 @@ class Worker:
         self._changed_items.clear()
         self.dirty = False
 
-    def _discard_learning(self) -> bool:
-        """Wait for the batch in flight and drop it unapplied; True if it changed the model.
-
-        Its offsets were never advanced, so its records are read again from
-        wherever the rebalance seeks. A batch whose training failed stays in
-        flight, so that :meth:`finish_learning` raises its error on the polling
-        thread.
-        """
-        batch = self._inflight
-        if batch is None:
-            return False
-        assert batch.learning is not None
-        wait_for([batch.learning])
-        if batch.learning.exception() is None:
-            self._inflight = None
-        return bool(batch.users)
-
     # -- the loop's steps ------------------------------------------------
     def poll_batch(self, max_events: int, max_ms: int) -> list[Any]:
-        """Records up to ``max_events``, waiting at most ``max_ms`` after the first arrives.
-
-        While a batch learns, it also returns as soon as that batch is done,
-        with whatever has arrived (possibly nothing): the training thread gets
-        the next batch at once, and the version holding the finished batch does
-        not wait for the next one to fill.
-        """
+        """Records up to ``max_events``, waiting at most ``max_ms`` after the first arrives."""
         records: list[Any] = []
         deadline: float | None = None
         generation = self.rebalances
         while len(records) < max_events and not self.stop_requested.is_set():
-            learning = self._inflight.learning if self._inflight is not None else None
             if deadline is None:
                 timeout = FIRST_RECORD_WAIT_MS
             else:
                 timeout = int((deadline - time.monotonic()) * 1000)
                 if timeout <= 0:
                     break
-            if learning is not None:
-                timeout = min(timeout, LEARNING_POLL_MS)
             got = self.consumer.poll(timeout_ms=timeout, max_records=max_events - len(records))
             self._last_poll = time.monotonic()
             self.metrics.polled()
@@ -455,102 +373,62 @@ class Worker:
                 records.clear()
                 deadline = None
                 generation = self.rebalances
-                learning = None  # the batch in flight was discarded
-            if got:
-                floor = self._offsets_ahead()
-                for recs in got.values():
-                    records.extend(r for r in recs if r.offset >= floor.get(r.partition, 0))
+            for recs in got.values():
+                records.extend(r for r in recs if r.offset >= self.offsets.get(r.partition, 0))
             if records and deadline is None:
                 deadline = time.monotonic() + max_ms / 1000.0
-            if learning is not None:
-                if learning.done():
-                    break
-            elif not got and deadline is None:
+            if not got and deadline is None:
                 break
         return records
 
     def apply(self, records: list[Any], dlq: DeadLetterWriter) -> None:
-        """Decode, learn and apply one batch, waiting for it (the loop overlaps these steps)."""
-        self.finish_learning(dlq)
-        self.start_learning(self.prepare(records))
-        self.finish_learning(dlq)
-
-    def prepare(self, records: list[Any]) -> _Batch:
-        """Decode and validate ``records`` on the polling thread (no model, no shared state)."""
+        """Decode, dead-letter the bad, learn the good, advance the offsets."""
         t0 = time.perf_counter()
-        offsets: dict[int, int] = {}
         if self.bounds is not None:
             stop = self.bounds.stop
             records = [r for r in records if r.offset < stop.get(r.partition, 0)]
             for p, end in stop.items():  # a partition whose range is done stays done
                 if self.consumer.position(TopicPartition(self.kafka.topic, p)) >= end:
-                    offsets[p] = end
+                    self.offsets[p] = max(self.offsets.get(p, 0), end)
+            if not records:
+                return
+        oks, errs = decode_batch(records)
+        for err in errs:
+            dlq.send(err)
+            self.metrics.dead_letters.labels(dead_letter_reason_label(err.reason)).inc()
+        if oks:
+            self.learn(oks)
+        failpoint("in_batch")  # learnt, offsets not yet advanced
         for rec in records:
-            if rec.offset + 1 > offsets.get(rec.partition, -1):
-                offsets[rec.partition] = rec.offset + 1
-        oks, dead = decode_batch(records)
+            if rec.offset + 1 > self.offsets.get(rec.partition, -1):
+                self.offsets[rec.partition] = rec.offset + 1
+        self.dirty = True
+        self.metrics.batches.inc()
+        self.metrics.batch_seconds.observe(time.perf_counter() - t0)
+
+    def learn(self, oks: list[Decoded]) -> None:
+        assert self.model is not None
         users = [d.event.user_id for d in oks]
         items = [d.event.item_id for d in oks]
         ts = np.fromiter((d.event.ts for d in oks), dtype=np.int64, count=len(oks))
         weights = np.fromiter((d.event.weight for d in oks), dtype=np.float32, count=len(oks))
-        return _Batch(len(records), users, items, ts, weights, dead, offsets,
-                      time.perf_counter() - t0)
-
-    def start_learning(self, batch: _Batch) -> None:
-        """Hand ``batch`` to the training thread; the previous one must be finished."""
-        assert self._inflight is None and self.model is not None
-        batch.learning = self._trainer.submit(_learn, self.model, batch)
-        self._inflight = batch
-
-    def finish_learning(self, dlq: DeadLetterWriter) -> None:
-        """Wait for the batch in flight, then dead-letter its bad records and advance the offsets.
-
-        A failure on the training thread is raised here, on the polling thread,
-        and stops the worker.
-        """
-        batch = self._inflight
-        if batch is None:
-            return
-        assert batch.learning is not None
-        self._inflight = None
-        try:
-            changed = batch.learning.result()
-        except Exception as exc:
-            raise RuntimeError(f"training failed: {exc!r}") from exc
-        if not batch.records:  # nothing in range: it only marks bounded partitions as done
-            self._advance(batch.offsets)
-            return
-        for err in batch.dead:
-            dlq.send(err)
-            self.metrics.dead_letters.labels(dead_letter_reason_label(err.reason)).inc()
-        if changed is not None:
-            self._changed_users.append(changed.users)
-            self._changed_items.append(changed.items)
-            top = int(batch.ts.max())
-            self.watermark = top if self.watermark is None else max(self.watermark, top)
-            self.events += len(batch.users)
-            self.metrics.events.inc(len(batch.users))
-            self.metrics.watermark.set(self.watermark)
-        failpoint("in_batch")  # learnt, offsets not yet advanced
-        self._advance(batch.offsets)
-        self.dirty = True
-        self.metrics.batches.inc()
-        self.metrics.batch_seconds.observe(batch.seconds)
-
-    def _advance(self, offsets: dict[int, int]) -> None:
-        for p, o in offsets.items():
-            if o > self.offsets.get(p, -1):
-                self.offsets[p] = o
+        changed = self.model.learn(users, items, ts, weights)
+        self._changed_users.append(changed.users)
+        self._changed_items.append(changed.items)
+        top = int(ts.max())
+        self.watermark = top if self.watermark is None else max(self.watermark, top)
+        self.events += len(oks)
+        self.metrics.events.inc(len(oks))
+        self.metrics.watermark.set(self.watermark)
 
     def checkpoint(self, dlq: DeadLetterWriter) -> None:
         """Hand a consistent copy of the model to the publisher (full or delta).
 
-        Runs on the polling thread between batches, with none in flight, so the
-        copy is consistent; its cost follows the rows changed since the previous
-        version (a delta) unless the full-version policy asks for the whole state.
+        Runs on the polling thread between batches, so the copy is consistent;
+        its cost follows the rows changed since the previous version (a delta)
+        unless the full-version policy asks for the whole state.
         """
         assert self.model is not None and self.publisher is not None
-        assert self._inflight is None  # the model is idle: the copy is consistent
         dlq.flush()  # dead letters are durable before the offsets that skip them
         users = np.unique(np.concatenate(self._changed_users)) if self._changed_users \
             else np.zeros(0, np.int64)
