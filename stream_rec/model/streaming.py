@@ -554,15 +554,23 @@ class StreamingModel:
                         a = seen_cache[x] = np.fromiter(sx, np.int64, len(sx))
                     arrs.append(a)
                 ulen = np.fromiter((len(a) for a in arrs), np.int64, len(arrs))
-                ustart = np.concatenate([[0], np.cumsum(ulen)[:-1]]).astype(np.int64)
                 uflat = np.concatenate(arrs) if arrs else np.zeros(0, np.int64)
-                lens = ulen[u_pos]
+                # candidate column of each (distinct user, seen item); most are not candidates,
+                # so keep the pairs that are before expanding them to the user's events
+                col = np.full(live_items, -1, dtype=np.int64)
+                col[cand] = np.arange(len(cand))
+                ucol = col[uflat]
+                keep = ucol >= 0
+                pair_col = ucol[keep]
+                per_user = np.bincount(np.repeat(np.arange(len(arrs)), ulen)[keep],
+                                       minlength=len(arrs))
+                pstart = np.cumsum(per_user) - per_user
+                lens = per_user[u_pos]
                 ev = np.repeat(np.arange(len(bu)), lens)
-                # index of each (event, k) into uflat: start of its user + k
+                # index of each (event, k) into pair_col: start of its user's pairs + k
                 offs = np.arange(len(ev)) - np.repeat(np.cumsum(lens) - lens, lens)
-                flat_items = uflat[ustart[u_pos][ev] + offs]
-                pos = np.minimum(np.searchsorted(cand, flat_items), len(cand) - 1)
-                hit = (cand[pos] == flat_items) & (pos != label[ev])
+                pos = pair_col[pstart[u_pos][ev] + offs]
+                hit = pos != label[ev]
                 mask = (ev[hit], pos[hit])
             elif c.mask_history:
                 # (event, candidate) pairs where the candidate is already in the history
