@@ -23,11 +23,13 @@ import tempfile
 import time
 import uuid
 
+import numpy as np
 import orjson
 from benchlib import broker, ml100k_events, plot, produce_bulk, write_result
 from kafka import TopicPartition
 
 from stream_rec.ingest.kafka import end_offsets, make_consumer
+from stream_rec.model import StreamingModel
 from stream_rec.settings import Settings
 from stream_rec.snapshot import SnapshotStore
 from stream_rec.worker import Bounds, Worker
@@ -50,6 +52,23 @@ def raw_rate(settings: Settings, n: int) -> float:
     elapsed = time.perf_counter() - t0
     consumer.close()
     return n / elapsed
+
+
+def train_rate(settings: Settings, events: list[dict], batch: int) -> float:
+    """Events/s of the model's ``learn()`` alone on the same events, already decoded.
+
+    The part of the worker that kafka-python does not do. Consuming and training
+    run one after the other on the polling thread, so the worker cannot exceed
+    ``1 / (1 / raw + 1 / train)`` -- the serial bound reported beside the ratio.
+    """
+    model = StreamingModel(settings.model, device=settings.worker.device)
+    users = [str(e["user_id"]) for e in events]
+    items = [str(e["item_id"]) for e in events]
+    ts = np.array([e["ts"] for e in events], dtype=np.int64)
+    t0 = time.perf_counter()
+    for s in range(0, len(events), batch):
+        model.learn(users[s:s + batch], items[s:s + batch], ts[s:s + batch])
+    return len(events) / (time.perf_counter() - t0)
 
 
 def worker_rate(settings: Settings, n: int, profile: bool = False) -> tuple[float, str]:
@@ -96,9 +115,12 @@ def main() -> None:
         settings.kafka.topic = f"bench-ingest-{uuid.uuid4().hex[:8]}"
         settings.worker.device = "cpu"
         print(f"producing {n} events to {settings.kafka.topic}…", flush=True)
-        produce_bulk(settings.kafka, ml100k_events(n))
+        events = ml100k_events(n)
+        produce_bulk(settings.kafka, events)
         raw = raw_rate(settings, n)
         print(f"raw kafka-python consume + JSON decode: {raw:,.0f} events/s", flush=True)
+        train = train_rate(settings, events, 1000)
+        print(f"model.learn alone on the same events: {train:,.0f} events/s", flush=True)
         rows = []
         profile_text = ""
         for size in sizes:
@@ -117,10 +139,14 @@ def main() -> None:
         print(profile_text)
     default = next((r for r in rows if r["batch_max_events"] == 1000), rows[0])
     raw_mean = (raw + raw_after) / 2
+    serial_bound = 1 / (1 / raw_mean + 1 / train)
     result = {"events": n, "raw_events_per_s": round(raw_mean),
               "raw_before": round(raw), "raw_after": round(raw_after),
               "worker_events_per_s": default["worker_events_per_s"],
               "ratio": round(default["worker_events_per_s"] / raw_mean, 3),
+              "train_alone_events_per_s": round(train),
+              "serial_bound_ratio": round(serial_bound / raw_mean, 3),
+              "worker_vs_serial_bound": round(default["worker_events_per_s"] / serial_bound, 3),
               "by_batch_size": rows}
     if profile_text:
         result["profile_top"] = profile_text.strip().splitlines()[:40]
