@@ -60,6 +60,7 @@ def test_delta_chain_equals_full_snapshot(tmp_path_factory, seed: int,
     model = StreamingModel(ModelConfig(dim=8, seed=1), device="cpu")
     events = _events(seed, sum(n for n, _ in plan), n_users=30, n_items=50)
     parent = None
+    held = None
     pending_u: set[int] = set()
     pending_i: set[int] = set()
     pos = 0
@@ -83,6 +84,9 @@ def test_delta_chain_equals_full_snapshot(tmp_path_factory, seed: int,
         snap = store.load()
         assert snap is not None and snap.manifest.offsets == {"t": {0: pos}}
         assert_same_state(snap.state, state)
+        if held is not None:  # a reader holding the previous version reads only what follows
+            assert_same_state(store.load(snap.version, base=held).state, state)
+        held = snap
         if snap.manifest.kind == "delta":
             assert snap.manifest.counts["events"] == int(state.tables["user.events"].sum())
 
@@ -132,3 +136,33 @@ def test_merged_deltas_apply_as_the_chain_does(seed: int, sizes: list[int]) -> N
         stepwise = apply_delta(stepwise, d)
     assert_same_state(apply_delta(base, merge_deltas(deltas)), stepwise)
     assert_same_state(stepwise, model.state())
+
+
+def test_writer_and_readers_read_only_the_manifests_they_lack(tmp_path, monkeypatch) -> None:
+    """Pruning after each publish and a reader catching up do not re-read the whole chain."""
+    store = SnapshotStore(tmp_path / "store", keep_versions=3)
+    model = StreamingModel(ModelConfig(dim=4), device="cpu")
+    _learn(model, _events(0, 20, 10, 10))
+    state = model.state()
+    parent = store.publish(state, offsets={}, watermark=None)
+    reads: list[int] = []
+    real = SnapshotStore.read_manifest
+
+    def counted(self: SnapshotStore, version: int):
+        reads.append(version)
+        return real(self, version)
+
+    monkeypatch.setattr(SnapshotStore, "read_manifest", counted)
+    for _ in range(40):
+        parent = store.publish_delta(delta_from_state(state, np.array([0]), np.array([0])),
+                                     parent=parent, offsets={}, watermark=None)
+    assert len(reads) <= 40  # at most the parent per publish; the chain walk would be 820
+    assert store.versions() == list(range(1, 42))  # retention kept the newest one's chain
+    reader = SnapshotStore(tmp_path / "store")
+    held = reader.load(35)
+    assert held is not None
+    reads.clear()
+    caught_up = reader.load(41, base=held)
+    assert caught_up is not None and caught_up.base_version == 35
+    assert set(reads) == set(range(36, 42))  # nothing at or before the version held
+    assert_same_state(caught_up.state, reader.load(41).state)

@@ -120,6 +120,7 @@ class SnapshotStore:
         # their own (object stores: each put is atomic, LATEST moves last).
         self.local = isinstance(self.fs, LocalFileSystem)
         self.fs.makedirs(self._join("versions"), exist_ok=True)
+        self._parents: dict[int, int | None] = {}  # version -> parent (None: full), for prune
 
     # -- paths -----------------------------------------------------------
     def _join(self, *parts: str) -> str:
@@ -253,14 +254,22 @@ class SnapshotStore:
             raise CorruptSnapshot(f"delta v{version} lacks {exc}") from None
         return manifest, delta
 
-    def chain(self, version: int) -> list[Manifest]:
-        """Manifests from the full base of ``version`` up to ``version`` itself."""
+    def chain(self, version: int, *, stop_at: int | None = None) -> list[Manifest]:
+        """Manifests from the full base of ``version`` up to ``version`` itself.
+
+        With ``stop_at`` (a version the caller already holds), the walk ends
+        when it reaches that version and only the manifests after it are
+        returned: a reader a few deltas behind reads a few manifests, not the
+        whole chain back to the full base.
+        """
         out = [self.read_manifest(version)]
         while out[-1].kind == "delta":
             parent = out[-1].parent
             assert parent is not None
             if len(out) > 100_000 or parent >= out[-1].version:
                 raise CorruptSnapshot(f"v{version} has a broken parent chain")
+            if parent == stop_at:
+                break
             out.append(self.read_manifest(parent))
         return out[::-1]
 
@@ -275,14 +284,16 @@ class SnapshotStore:
             version = self.latest_version()
             if version is None:
                 return None
-        manifests = self.chain(version)
+        if base is not None and base.version == version:
+            return Snapshot(self.read_manifest(version), base.state,
+                            changed_items=np.zeros(0, np.int64), base_version=version)
+        held = base.version if base is not None and base.version < version else None
+        manifests = self.chain(version, stop_at=held)
         start = 0
         state: ModelState | None = None
         from_base = False
-        if base is not None:
-            for i, m in enumerate(manifests):
-                if m.version == base.version:
-                    start, state, from_base = i + 1, base.state, True
+        if base is not None and manifests[0].kind == "delta" and manifests[0].parent == held:
+            state, from_base = base.state, True  # the chain passes through the version held
         if state is None:
             full = manifests[0]
             docs, tables = self._read_files(full)
@@ -399,6 +410,7 @@ class SnapshotStore:
             self.fs.mv(tmp, final, recursive=True)
         failpoint("after_rename")  # the version is in place, LATEST not yet moved
         self._set_latest(manifest.version)
+        self._parents[manifest.version] = manifest.parent if manifest.kind == "delta" else None
         self.prune()
         return manifest
 
@@ -445,16 +457,38 @@ class SnapshotStore:
             if v in needed:
                 continue
             try:
-                needed.update(m.version for m in self.chain(v))
+                needed.update(self._chain_versions(v))
             except CorruptSnapshot:
                 needed.add(v)  # unreadable: keep it for an operator to inspect
         doomed = [v for v in versions if v not in needed]
         for v in doomed:
+            self._parents.pop(v, None)
             if self.local:
                 shutil.rmtree(self.version_dir(v), ignore_errors=True)
             else:
                 self.fs.rm(self.version_dir(v), recursive=True)
         return doomed
+
+
+    def _chain_versions(self, version: int) -> list[int]:
+        """The versions of ``version``'s chain, reading only manifests not read before.
+
+        A committed version's parent never changes, so a writer that prunes
+        after every publish reads one new manifest each time instead of the
+        whole chain (up to ``full_every`` deltas) back to its full base.
+        """
+        out = [version]
+        while True:
+            v = out[-1]
+            if v not in self._parents:
+                m = self.read_manifest(v)
+                self._parents[v] = m.parent if m.kind == "delta" else None
+            parent = self._parents[v]
+            if parent is None:
+                return out
+            if len(out) > 100_000 or parent >= v:
+                raise CorruptSnapshot(f"v{version} has a broken parent chain")
+            out.append(parent)
 
 
 def _fsync_dir(path: str) -> None:
