@@ -32,11 +32,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stream_rec import datasets  # noqa: E402
-from stream_rec.index import ItemIndex, set_search_threads  # noqa: E402
-from stream_rec.model import ModelConfig, ModelState, StreamingModel  # noqa: E402
-from stream_rec.serving.state import SnapshotWatcher  # noqa: E402
-from stream_rec.snapshot import SnapshotStore, delta_from_state  # noqa: E402
+from stream_rec import datasets
+from stream_rec.index import ItemIndex, set_search_threads
+from stream_rec.model import ModelConfig, ModelState, StreamingModel
+from stream_rec.serving.state import SnapshotWatcher
+from stream_rec.snapshot import SnapshotStore, delta_from_state
 
 
 def template_state(dim: int) -> ModelState:

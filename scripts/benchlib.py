@@ -21,11 +21,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stream_rec import datasets  # noqa: E402
-from stream_rec.broker import LocalBroker  # noqa: E402
-from stream_rec.events import encode_event  # noqa: E402
-from stream_rec.ingest.kafka import ensure_topics, make_producer  # noqa: E402
-from stream_rec.settings import KafkaSettings  # noqa: E402
+from stream_rec import datasets
+from stream_rec.broker import LocalBroker
+from stream_rec.events import encode_event
+from stream_rec.ingest.kafka import ensure_topics, make_producer
+from stream_rec.settings import KafkaSettings
 
 RESULTS = ROOT / "docs" / "results"
 PLOTS = ROOT / "docs" / "img"

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Self
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,9 @@ class LocalBroker:
     def stop(self, timeout_s: float = 5.0) -> None:
         stop_process(self.proc, timeout_s)
 
-    def __enter__(self) -> LocalBroker:
-        return self.start()
+    def __enter__(self) -> Self:
+        self.start()
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

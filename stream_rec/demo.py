@@ -133,8 +133,8 @@ def run_demo(settings: Settings, *, rate: float = 4000.0, limit: int | None = No
         worker = _spawn(["worker"], workdir / "worker.log", env)
         server = _spawn(["serve"], workdir / "server.log", env)
         wait_for_port("127.0.0.1", port, 60.0, server)
-        events = (dict(user_id=int(r["user"]), item_id=int(r["item"]), ts=int(r["ts"]),
-                       event="click") for r in data)
+        events = ({"user_id": int(r["user"]), "item_id": int(r["item"]), "ts": int(r["ts"]),
+                   "event": "click"} for r in data)
         # The first click goes alone: once it is served, the worker has joined its
         # group and freshness measures the stream, not the start-up.
         produce(settings.kafka, [next(events)], progress=False)
@@ -150,7 +150,7 @@ def run_demo(settings: Settings, *, rate: float = 4000.0, limit: int | None = No
         probe_thread.start()
         progress = threading.Thread(
             target=produce, args=(settings.kafka, events),
-            kwargs=dict(rate=rate, progress=False, on_sent=probe.on_sent), daemon=True)
+            kwargs={"rate": rate, "progress": False, "on_sent": probe.on_sent}, daemon=True)
         t0 = time.monotonic()
         progress.start()
         _watch_loop(probe, watched, progress, t0, len(data), worker)

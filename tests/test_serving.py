@@ -188,7 +188,7 @@ def test_matrix_product_search_matches_faiss_with_exclusions_and_tombstones() ->
         want = idx.search(q[None, :], 10, [e])[0]  # FAISS, one query
         assert [r for r, _ in got] == [r for r, _ in want]
         assert np.allclose([s for _, s in got], [s for _, s in want], atol=1e-4)
-        assert not set(r for r, _ in got) & (set(e.tolist()) | idx.dead)
+        assert not {r for r, _ in got} & (set(e.tolist()) | idx.dead)
     tiny = ItemIndex.build(vecs[:5])
     tiny.tombstone(np.array([1]))
     answers = tiny.search(queries, 10, [np.array([0])] * len(queries))

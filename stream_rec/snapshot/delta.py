@@ -171,7 +171,7 @@ def merge_deltas(deltas: list[StateDelta]) -> StateDelta:
         upos = np.searchsorted(urows, d.user_rows)
         ipos = np.searchsorted(irows, d.item_rows)
         for name, arr in d.tables.items():
-            if name.startswith("user.") or name.startswith("item."):
+            if name.startswith(("user.", "item.")):
                 rows = urows if name.startswith("user.") else irows
                 if name not in tables:
                     tables[name] = np.empty((len(rows), *arr.shape[1:]), dtype=arr.dtype)

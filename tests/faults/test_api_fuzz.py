@@ -29,7 +29,7 @@ MAX_CASES = 60  # per operation
 CALL_LIMIT_S = 2.0
 
 
-def _app():  # noqa: ANN202 - FastAPI
+def _app():
     store = SnapshotStore(Path(tempfile.mkdtemp(prefix="fuzz-store-")))
     store.publish(trained_state(300), offsets={"t": {0: 300}}, watermark=1)
     app = create_app(store, watch=False)
@@ -57,6 +57,6 @@ def test_no_server_errors_and_no_hangs(case: schemathesis.Case) -> None:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _report_cases():  # noqa: ANN202
+def _report_cases():
     yield
     print(f"\napi fuzz: {CASES['run']} cases, no 5xx, none over {CALL_LIMIT_S:g} s")

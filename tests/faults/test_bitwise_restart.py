@@ -9,6 +9,7 @@ of the stream and carries a partial chunk in its snapshot state.
 from __future__ import annotations
 
 import signal
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def _run_to_end(cfg: KafkaSettings, store: Path, ends: dict[int, int], log: Path
                                          STREAM_REC_FAILPOINTS=point), log)
         try:
             proc.wait(60)
-        except Exception:
+        except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
         assert proc.returncode == -signal.SIGKILL, f"{point}: exited {proc.returncode}"

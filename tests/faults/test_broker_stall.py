@@ -63,8 +63,12 @@ def test_worker_rides_out_a_frozen_broker(tmp_path: Path) -> None:
             os.kill(broker.proc.pid, signal.SIGSTOP)
             stopped = True
             cpu0, t0 = _cpu_seconds(worker.pid), time.monotonic()
-            code, body = wait_until(lambda: (lambda h: h if h[0] == 503 else None)(_health(port)),
-                                    STALL_S - 2, what="the health endpoint to report the stall")
+            def stalled() -> tuple[int, dict] | None:
+                health = _health(port)
+                return health if health[0] == 503 else None
+
+            _, body = wait_until(stalled, STALL_S - 2,
+                                 what="the health endpoint to report the stall")
             assert body["status"] == "stalled" and "broker" in body["reason"]
             time.sleep(max(0.0, STALL_S - (time.monotonic() - t0)))
             cpu = _cpu_seconds(worker.pid) - cpu0
