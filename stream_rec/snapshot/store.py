@@ -241,6 +241,10 @@ class SnapshotStore:
         manifest = self.read_manifest(version)
         if manifest.kind != "delta":
             raise ValueError(f"version {version} is a {manifest.kind} version")
+        return manifest, self._read_delta(manifest)
+
+    def _read_delta(self, manifest: Manifest) -> StateDelta:
+        """The verified delta a delta ``manifest`` describes."""
         docs, tables = self._read_files(manifest)
         try:
             delta = StateDelta(
@@ -251,8 +255,8 @@ class SnapshotStore:
                 seen_indptr=tables.pop("delta.seen_indptr"),
                 seen_items=tables.pop("delta.seen_items"), tables=tables)
         except KeyError as exc:
-            raise CorruptSnapshot(f"delta v{version} lacks {exc}") from None
-        return manifest, delta
+            raise CorruptSnapshot(f"delta v{manifest.version} lacks {exc}") from None
+        return delta
 
     def chain(self, version: int, *, stop_at: int | None = None) -> list[Manifest]:
         """Manifests from the full base of ``version`` up to ``version`` itself.
@@ -303,7 +307,7 @@ class SnapshotStore:
         merged: StateDelta | None = None
         pending: list[StateDelta] = []
         for m in manifests[start:]:  # merged a few at a time: memory stays near one delta
-            pending.append(self.load_delta(m.version)[1])
+            pending.append(self._read_delta(m))  # the manifest read by chain(), not again
             if len(pending) == 32:
                 merged = merge_deltas([merged, *pending] if merged else pending)
                 pending = []
