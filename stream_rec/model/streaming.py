@@ -120,22 +120,12 @@ class StreamingModel:
         self._i_events = np.zeros(cap_i, dtype=np.int64)
         self._pop = np.full(cap_i, -np.inf, dtype=np.float64)
         # replay ring buffer
-        R = c.replay
-        self._rp_u = np.zeros(R, dtype=np.int64)
-        self._rp_i = np.zeros(R, dtype=np.int64)
-        self._rp_w = np.zeros(R, dtype=np.float32)
-        self._rp_h = np.full((R, H), -1, dtype=np.int64)
-        self._rp_b = np.zeros((R, H), dtype=np.int64)
+        self._rp = _Events(c.replay, H)
         self._rp_n = 0      # filled entries
         self._expiry_touched: list[int] = []   # users whose seen/history lost an expired item
         self._rp_pos = 0    # next write position
         # events of the current, incomplete training chunk (fast path done, not yet trained)
-        C = c.train_chunk
-        self._ck_u = np.zeros(C, dtype=np.int64)
-        self._ck_i = np.zeros(C, dtype=np.int64)
-        self._ck_w = np.zeros(C, dtype=np.float32)
-        self._ck_h = np.full((C, H), -1, dtype=np.int64)
-        self._ck_b = np.zeros((C, H), dtype=np.int64)
+        self._ck = _Events(c.train_chunk, H)
         self._ck_m = 0      # learned events queued (admitted user and item)
         self._ck_fill = 0   # stream events since the chunk started (queued or not)
         self._ck_new_u: list[int] = []   # rows allocated in this chunk, initialised at its end
@@ -295,8 +285,7 @@ class StreamingModel:
             np.logaddexp.at(self._pop, ex_i[:m], pop_x[ex_j[:m]])
         ex_b = self._buckets(ex_t[:m])
         k = self._ck_m
-        self._ck_u[k:k + m], self._ck_i[k:k + m], self._ck_w[k:k + m] = ex_u[:m], ex_i[:m], ex_w[:m]
-        self._ck_h[k:k + m], self._ck_b[k:k + m] = ex_h[:m], ex_b
+        self._ck.put(slice(k, k + m), ex_u[:m], ex_i[:m], ex_w[:m], ex_h[:m], ex_b)
         self._ck_m = k + m
         self._ck_new_u.extend(new_u)
         self._ck_new_i.extend(new_i)
@@ -309,8 +298,7 @@ class StreamingModel:
         Appends every row this changes to ``ch_u`` / ``ch_i``.
         """
         k = self._ck_m
-        ex_u, ex_i, ex_w = self._ck_u[:k].copy(), self._ck_i[:k].copy(), self._ck_w[:k].copy()
-        ex_h, ex_b = self._ck_h[:k].copy(), self._ck_b[:k].copy()
+        ex_u, ex_i, ex_w, ex_h, ex_b = self._ck.take(slice(0, k))
         new_u = np.asarray(self._ck_new_u, dtype=np.int64)
         new_i = np.asarray(self._ck_new_i, dtype=np.int64)
         self._ck_m = self._ck_fill = 0
@@ -482,9 +470,10 @@ class StreamingModel:
                 t[ri] = 0.0
         if self._rp_n and (len(exp_u) or len(exp_i)):
             k = self._rp_n
-            dead = np.isin(self._rp_u[:k], exp_u) | np.isin(self._rp_i[:k], exp_i)
-            self._rp_w[:k][dead] = 0.0
-            self._rp_h[:k][np.isin(self._rp_h[:k], exp_i)] = -1
+            rp = self._rp
+            dead = np.isin(rp.user[:k], exp_u) | np.isin(rp.item[:k], exp_i)
+            rp.weight[:k][dead] = 0.0
+            rp.hist[:k][np.isin(rp.hist[:k], exp_i)] = -1
         return exp_u, exp_i
 
     # ---------------------------------------------------------------- replay
@@ -496,8 +485,7 @@ class StreamingModel:
         if len(u) > R:
             u, i, h, b, w = u[-R:], i[-R:], h[-R:], b[-R:], w[-R:]
         idx = (self._rp_pos + np.arange(len(u))) % R
-        self._rp_u[idx], self._rp_i[idx], self._rp_h[idx], self._rp_w[idx] = u, i, h, w
-        self._rp_b[idx] = b
+        self._rp.put(idx, u, i, w, h, b)
         self._rp_pos = int((self._rp_pos + len(u)) % R)
         self._rp_n = min(R, self._rp_n + len(u))
 
@@ -517,14 +505,13 @@ class StreamingModel:
             k = min(c.replay_per_step, self._rp_n)
             if k > 0:
                 sel = rng.choice(self._rp_n, size=k, replace=False)
-                rw = self._rp_w[sel]
-                ok = rw > 0
-                sel = sel[ok]
-                bu = np.concatenate([bu, self._rp_u[sel]])
-                bi = np.concatenate([bi, self._rp_i[sel]])
-                bh = np.concatenate([bh, self._rp_h[sel]])
-                bb = np.concatenate([bb, self._rp_b[sel]])
-                bw = np.concatenate([bw, rw[ok]])
+                sel = sel[self._rp.weight[sel] > 0]      # expired while in the ring
+                ru, ri, rw, rh, rb = self._rp.take(sel)
+                bu = np.concatenate([bu, ru])
+                bi = np.concatenate([bi, ri])
+                bh = np.concatenate([bh, rh])
+                bb = np.concatenate([bb, rb])
+                bw = np.concatenate([bw, rw])
             neg = rng.integers(0, live_items, size=c.negatives) if c.negatives else \
                 np.zeros(0, dtype=np.int64)
             if len(neg):
@@ -817,8 +804,6 @@ class StreamingModel:
     def _global_tables(self) -> dict[str, np.ndarray]:
         """The small ``global.*`` tables (everything except the seen CSR), as copies."""
         cpu = lambda t: t.detach().to("cpu").numpy().copy()
-        k = self._rp_n
-        kc = self._ck_m
         pu = self._users.pending
         pi = self._items.pending
         return {
@@ -830,11 +815,7 @@ class StreamingModel:
             "global.t_ref": np.array([-1 if self._t_ref is None else self._t_ref], dtype=np.int64),
             "global.watermark": np.array(
                 [-1 if self._watermark is None else self._watermark], dtype=np.int64),
-            "global.replay_user": self._rp_u[:k].copy(),
-            "global.replay_item": self._rp_i[:k].copy(),
-            "global.replay_weight": self._rp_w[:k].copy(),
-            "global.replay_hist": self._rp_h[:k].copy(),
-            "global.replay_bucket": self._rp_b[:k].copy(),
+            **self._rp.tables("global.replay_", self._rp_n),
             "global.replay_pos": np.array([self._rp_pos], dtype=np.int64),
             "global.free_users": np.asarray(self._users.free, dtype=np.int64),
             "global.free_items": np.asarray(self._items.free, dtype=np.int64),
@@ -842,11 +823,7 @@ class StreamingModel:
             "global.pending_user_counts": np.asarray(list(pu.values()), dtype=np.int64),
             "global.pending_item_ids": np.asarray(list(pi.keys()), dtype=str),
             "global.pending_item_counts": np.asarray(list(pi.values()), dtype=np.int64),
-            "global.chunk_user": self._ck_u[:kc].copy(),
-            "global.chunk_item": self._ck_i[:kc].copy(),
-            "global.chunk_weight": self._ck_w[:kc].copy(),
-            "global.chunk_hist": self._ck_h[:kc].copy(),
-            "global.chunk_bucket": self._ck_b[:kc].copy(),
+            **self._ck.tables("global.chunk_", self._ck_m),
             "global.chunk_fill": np.array([self._ck_fill], dtype=np.int64),
             "global.chunk_new_users": np.asarray(self._ck_new_u, dtype=np.int64),
             "global.chunk_new_items": np.asarray(self._ck_new_i, dtype=np.int64),
@@ -930,25 +907,52 @@ class StreamingModel:
                                     t["global.pending_user_counts"].tolist()))
         m._items.pending = dict(zip(t["global.pending_item_ids"].tolist(),
                                     t["global.pending_item_counts"].tolist()))
-        k = len(t["global.replay_user"])
-        if k and m.cfg.replay:
-            m._rp_u[:k] = t["global.replay_user"]
-            m._rp_i[:k] = t["global.replay_item"]
-            m._rp_w[:k] = t["global.replay_weight"]
-            m._rp_h[:k] = t["global.replay_hist"]
-            m._rp_b[:k] = t["global.replay_bucket"]
-        m._rp_n = k
+        m._rp_n = m._rp.load(t, "global.replay_")
         m._rp_pos = int(t["global.replay_pos"][0])
         if "global.chunk_fill" in t:  # versions written before chunked training have none
-            kc = len(t["global.chunk_user"])
-            m._ck_u[:kc], m._ck_i[:kc] = t["global.chunk_user"], t["global.chunk_item"]
-            m._ck_w[:kc] = t["global.chunk_weight"]
-            m._ck_h[:kc], m._ck_b[:kc] = t["global.chunk_hist"], t["global.chunk_bucket"]
-            m._ck_m = kc
+            m._ck_m = m._ck.load(t, "global.chunk_")
             m._ck_fill = int(t["global.chunk_fill"][0])
             m._ck_new_u = t["global.chunk_new_users"].tolist()
             m._ck_new_i = t["global.chunk_new_items"].tolist()
         return m
+
+
+class _Events:
+    """Learned events held between calls: rows, weight, and history with its age buckets.
+
+    The replay ring and the incomplete training chunk keep the same five
+    columns; one class lets both be filled, drawn from, snapshotted (as
+    ``<prefix>user`` ... ``<prefix>bucket``) and restored by the same code.
+    """
+
+    COLUMNS = ("user", "item", "weight", "hist", "bucket")
+
+    def __init__(self, capacity: int, history: int) -> None:
+        self.user = np.zeros(capacity, dtype=np.int64)
+        self.item = np.zeros(capacity, dtype=np.int64)
+        self.weight = np.zeros(capacity, dtype=np.float32)
+        self.hist = np.full((capacity, history), -1, dtype=np.int64)
+        self.bucket = np.zeros((capacity, history), dtype=np.int64)
+
+    def put(self, at: slice | np.ndarray, u: np.ndarray, i: np.ndarray, w: np.ndarray,
+            h: np.ndarray, b: np.ndarray) -> None:
+        for col, v in zip(self.COLUMNS, (u, i, w, h, b)):
+            getattr(self, col)[at] = v
+
+    def take(self, at: slice | np.ndarray) -> tuple[np.ndarray, ...]:
+        """Copies of the five columns at ``at`` (user, item, weight, hist, bucket)."""
+        return tuple(getattr(self, col)[at].copy() for col in self.COLUMNS)
+
+    def tables(self, prefix: str, n: int) -> dict[str, np.ndarray]:
+        return {prefix + col: getattr(self, col)[:n].copy() for col in self.COLUMNS}
+
+    def load(self, tables: dict[str, np.ndarray], prefix: str) -> int:
+        """Restore the first rows from ``tables``; returns how many there were."""
+        n = len(tables[prefix + "user"])
+        if n:
+            for col in self.COLUMNS:
+                getattr(self, col)[:n] = tables[prefix + col]
+        return n
 
 
 def _adagrad_rows(table: torch.Tensor, acc: torch.Tensor, rows: torch.Tensor,
