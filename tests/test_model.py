@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import faiss
 import numpy as np
@@ -253,15 +254,27 @@ CHUNKED = [
 ]
 
 
-@pytest.mark.parametrize("extra", CHUNKED)
-@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 10_000))
-def test_training_independent_of_call_sizes(extra: dict, seed: int) -> None:
-    """Calls of random sizes 1..3000 (some with an observer) == calls of exactly train_chunk."""
-    users, items, ts = _events(5000, seed=seed)
+def _chunked_cases(test: Callable[..., None]) -> Callable[..., None]:
+    """Run ``test(extra, seed)`` for each CHUNKED configuration on a few random streams."""
+    test = given(seed=st.integers(0, 10_000))(test)
+    test = settings(max_examples=3, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])(test)
+    return pytest.mark.parametrize("extra", CHUNKED)(test)
+
+
+def _reference(n: int, seed: int, extra: dict, batch: int | None = None) -> tuple:
+    """A random stream, its config, and a model fed it in calls of ``batch`` (train_chunk)."""
+    users, items, ts = _events(n, seed=seed)
     cfg = ModelConfig(**SMALL, seed=seed % 3, **extra)
     ref = StreamingModel(cfg, device="cpu")
-    _feed(ref, users, items, ts, batch=cfg.train_chunk)
+    _feed(ref, users, items, ts, batch=batch or cfg.train_chunk)
+    return users, items, ts, cfg, ref
+
+
+@_chunked_cases
+def test_training_independent_of_call_sizes(extra: dict, seed: int) -> None:
+    """Calls of random sizes 1..3000 (some with an observer) == calls of exactly train_chunk."""
+    users, items, ts, cfg, ref = _reference(5000, seed, extra)
     m = StreamingModel(cfg, device="cpu")
     rng = np.random.default_rng(seed)
     prev, pos = m.state(), 0
@@ -277,15 +290,10 @@ def test_training_independent_of_call_sizes(extra: dict, seed: int) -> None:
     _assert_same(m.state(), ref.state())
 
 
-@pytest.mark.parametrize("extra", CHUNKED)
-@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 10_000))
+@_chunked_cases
 def test_restore_mid_chunk_continues_bitwise(extra: dict, seed: int) -> None:
     """state()/from_state() at arbitrary cut points (mid-chunk) continues bit for bit."""
-    users, items, ts = _events(4000, seed=seed)
-    cfg = ModelConfig(**SMALL, seed=seed % 3, **extra)
-    ref = StreamingModel(cfg, device="cpu")
-    _feed(ref, users, items, ts, batch=997)
+    users, items, ts, cfg, ref = _reference(4000, seed, extra, batch=997)
     m = StreamingModel(cfg, device="cpu")
     rng = np.random.default_rng(seed + 1)
     pos = 0
