@@ -15,6 +15,7 @@ See ``docs/MODEL.md`` for the design and measured ablations.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -351,11 +352,16 @@ class StreamingModel:
         followed by its stored history. Fills ``ex_*`` (first m rows); returns
         (m, new watermark). Ends in exactly the state of the per-event loop.
         """
-        n = len(ts)
-        rows_u = np.empty(n, dtype=np.int64)
-        rows_i = np.empty(n, dtype=np.int64)
-        for j in range(n):
-            rows_u[j], rows_i[j] = self._lookup(user_ids[j], item_ids[j], new_u, new_i)
+        # known ids by plain dict lookups; the rest in stream order, since admission
+        # counts and row allocation depend on it (a known id cannot change meanwhile)
+        ukeys, ikeys = list(map(str, user_ids)), list(map(str, item_ids))
+        uget, iget = self._users.index.get, self._items.index.get
+        ru = [uget(k, -2) for k in ukeys]
+        ri = [iget(k, -2) for k in ikeys]
+        rows_u = np.array(ru, dtype=np.int64)
+        rows_i = np.array(ri, dtype=np.int64)
+        for j in np.flatnonzero((rows_u == -2) | (rows_i == -2)).tolist():
+            rows_u[j], rows_i[j] = self._lookup(ukeys[j], ikeys[j], new_u, new_i)
         keep = np.flatnonzero((rows_u >= 0) & (rows_i >= 0))
         m = len(keep)
         if m == 0:
@@ -499,7 +505,6 @@ class StreamingModel:
         touched_u: list[np.ndarray] = []
         touched_i: list[np.ndarray] = []
         pop = self._pop[:live_items]
-        seen_cache: dict[int, np.ndarray] = {}
         for _ in range(c.steps):
             bu, bi, bh, bb, bw = u, i, h, b, w
             k = min(c.replay_per_step, self._rp_n)
@@ -533,15 +538,9 @@ class StreamingModel:
             if c.mask_seen:
                 # seen rows of each distinct user, then expanded to that user's events
                 uniq_u, u_pos = np.unique(bu, return_inverse=True)
-                arrs = []
-                for x in uniq_u.tolist():
-                    a = seen_cache.get(x)
-                    if a is None:
-                        sx = self._seen[x]
-                        a = seen_cache[x] = np.fromiter(sx, np.int64, len(sx))
-                    arrs.append(a)
-                ulen = np.fromiter((len(a) for a in arrs), np.int64, len(arrs))
-                uflat = np.concatenate(arrs) if arrs else np.zeros(0, np.int64)
+                sets = [self._seen[x] for x in uniq_u.tolist()]
+                ulen = np.fromiter(map(len, sets), np.int64, len(sets))
+                uflat = np.fromiter(itertools.chain.from_iterable(sets), np.int64, int(ulen.sum()))
                 # candidate column of each (distinct user, seen item); most are not candidates,
                 # so keep the pairs that are before expanding them to the user's events
                 col = np.full(live_items, -1, dtype=np.int64)
@@ -549,8 +548,8 @@ class StreamingModel:
                 ucol = col[uflat]
                 keep = ucol >= 0
                 pair_col = ucol[keep]
-                per_user = np.bincount(np.repeat(np.arange(len(arrs)), ulen)[keep],
-                                       minlength=len(arrs))
+                per_user = np.bincount(np.repeat(np.arange(len(sets)), ulen)[keep],
+                                       minlength=len(sets))
                 pstart = np.cumsum(per_user) - per_user
                 lens = per_user[u_pos]
                 ev = np.repeat(np.arange(len(bu)), lens)
