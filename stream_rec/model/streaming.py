@@ -356,10 +356,8 @@ class StreamingModel:
         # counts and row allocation depend on it (a known id cannot change meanwhile)
         ukeys, ikeys = list(map(str, user_ids)), list(map(str, item_ids))
         uget, iget = self._users.index.get, self._items.index.get
-        ru = [uget(k, -2) for k in ukeys]
-        ri = [iget(k, -2) for k in ikeys]
-        rows_u = np.array(ru, dtype=np.int64)
-        rows_i = np.array(ri, dtype=np.int64)
+        rows_u = np.array([uget(k, -2) for k in ukeys], dtype=np.int64)
+        rows_i = np.array([iget(k, -2) for k in ikeys], dtype=np.int64)
         for j in np.flatnonzero((rows_u == -2) | (rows_i == -2)).tolist():
             rows_u[j], rows_i[j] = self._lookup(ukeys[j], ikeys[j], new_u, new_i)
         keep = np.flatnonzero((rows_u >= 0) & (rows_i >= 0))
