@@ -28,7 +28,7 @@ import orjson
 from benchlib import broker, ml100k_events, plot, produce_bulk, write_result
 from kafka import TopicPartition
 
-from stream_rec.ingest.kafka import end_offsets, make_consumer
+from stream_rec.ingest.kafka import make_consumer, topic_end_offsets
 from stream_rec.model import StreamingModel
 from stream_rec.settings import Settings
 from stream_rec.snapshot import SnapshotStore
@@ -74,10 +74,7 @@ def train_rate(settings: Settings, events: list[dict], batch: int) -> float:
 def worker_rate(settings: Settings, n: int, profile: bool = False) -> tuple[float, str]:
     """Events/s of a bounded worker run over the whole topic into a fresh store."""
     cfg = settings.kafka
-    probe = make_consumer(cfg, None)
-    parts = [TopicPartition(cfg.topic, p) for p in probe.partitions_for_topic(cfg.topic)]
-    end = {tp.partition: off for tp, off in end_offsets(probe, parts).items()}
-    probe.close()
+    end = topic_end_offsets(cfg, cfg.topic)
     store = SnapshotStore(tempfile.mkdtemp(prefix="bench-ingest-"))
     worker = Worker(settings, store, bounds=Bounds(start={p: 0 for p in end}, stop=end))
     prof = cProfile.Profile() if profile else None

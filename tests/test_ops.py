@@ -29,7 +29,7 @@ from stream_rec import cli, datasets
 from stream_rec.broker import free_port, stop_process, wait_for_port
 from stream_rec.events import DeadLetter, Origin, encode_event
 from stream_rec.ingest.dlq import DeadLetterWriter
-from stream_rec.ingest.kafka import end_offsets, ensure_topics, make_consumer, make_producer
+from stream_rec.ingest.kafka import ensure_topics, make_consumer, make_producer, topic_end_offsets
 from stream_rec.settings import KafkaSettings
 from stream_rec.snapshot import SnapshotStore
 from tests.conftest import env_for, spawn, wait_until
@@ -64,15 +64,6 @@ def _snapshot_offsets(store: Path, topic: str) -> dict[int, int]:
     return {} if v is None else s.read_manifest(v).offsets.get(topic, {})
 
 
-def _end_offsets(cfg: KafkaSettings, topic: str) -> dict[int, int]:
-    c = make_consumer(cfg, None)
-    try:
-        tps = [TopicPartition(topic, p) for p in c.partitions_for_topic(topic)]
-        return {tp.partition: o for tp, o in end_offsets(c, tps).items()}
-    finally:
-        c.close()
-
-
 def _read_all(cfg: KafkaSettings, topic: str) -> list[Any]:
     c = make_consumer(cfg, None, consumer_timeout_ms=2000)
     try:
@@ -84,7 +75,7 @@ def _read_all(cfg: KafkaSettings, topic: str) -> list[Any]:
 
 
 def _caught_up(store: Path, cfg: KafkaSettings) -> bool:
-    end = _end_offsets(cfg, cfg.topic)
+    end = topic_end_offsets(cfg, cfg.topic)
     got = _snapshot_offsets(store, cfg.topic)
     return all(got.get(p, 0) >= o for p, o in end.items())
 
@@ -115,7 +106,7 @@ def test_replay_from_time_rebuilds_the_live_state(kafka_cfg: KafkaSettings, tmp_
     producer.flush()
     time.sleep(0.05)
     t_to = int(time.time() * 1000)  # the range ends here: later records must not be replayed
-    assert _end_offsets(cfg, cfg.topic) == {0: 2000}
+    assert topic_end_offsets(cfg, cfg.topic) == {0: 2000}
 
     worker = spawn(["worker"], env, tmp_path / "worker.log")
     try:
@@ -129,7 +120,7 @@ def test_replay_from_time_rebuilds_the_live_state(kafka_cfg: KafkaSettings, tmp_
             {"user_id": "late", "item_id": f"late-{j}", "ts": 1_900_000_000_000 + j}))
     producer.flush()
     producer.close()
-    dlq_before = _end_offsets(cfg, cfg.dlq_topic)
+    dlq_before = topic_end_offsets(cfg, cfg.dlq_topic)
     assert sum(dlq_before.values()) == 4
 
     target = tmp_path / "replay"
@@ -168,7 +159,7 @@ def test_replay_from_time_rebuilds_the_live_state(kafka_cfg: KafkaSettings, tmp_
     for name in a.state.tables:
         np.testing.assert_array_equal(b.state.tables[name], a.state.tables[name], err_msg=name)
     # The replay's dead letters went to its own topic, not the live one.
-    assert _end_offsets(cfg, cfg.dlq_topic) == dlq_before
+    assert topic_end_offsets(cfg, cfg.dlq_topic) == dlq_before
 
     # Idempotent: the same command again changes nothing.
     versions = SnapshotStore(target).versions()
@@ -293,7 +284,7 @@ def test_redriven_dead_letters_apply_once(kafka_cfg: KafkaSettings, tmp_path: Pa
         producer.close()
 
         wait_until(lambda: _caught_up(store, cfg), 60, what="the worker to catch up")
-        wait_until(lambda: sum(_end_offsets(cfg, cfg.dlq_topic).values()) == 6, 30,
+        wait_until(lambda: sum(topic_end_offsets(cfg, cfg.dlq_topic).values()) == 6, 30,
                    what="the dead letters")
         rc, out, err = run_cli(["dlq", "list", "--json", "--limit", "0"], env, monkeypatch,
                                capsys)

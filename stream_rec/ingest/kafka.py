@@ -110,3 +110,16 @@ def end_offsets(consumer: Any, tps: list[TopicPartition], probe_s: float = 3.0
                 ends[tp] = max(ends[tp], recs[-1].offset + 1)
     consumer.unsubscribe()
     return ends
+
+
+def topic_end_offsets(cfg: KafkaSettings, topic: str) -> dict[int, int]:
+    """:func:`end_offsets` of every partition of ``topic``, by partition number.
+
+    Opens and closes its own consumer; for callers that hold none.
+    """
+    consumer = make_consumer(cfg, None)
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        return {tp.partition: off for tp, off in end_offsets(consumer, tps).items()} if tps else {}
+    finally:
+        consumer.close()
