@@ -21,7 +21,6 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import numpy as np
 from bench_snapshot import big_state
 from benchlib import ROOT, plot, write_result
 
-from stream_rec.broker import free_port, wait_for_port
+from stream_rec.broker import free_port, stop_process, wait_for_port
 from stream_rec.index import ItemIndex, set_search_threads
 from stream_rec.snapshot import SnapshotStore
 
@@ -204,8 +203,7 @@ def main() -> None:
                       f"p99 {row['p99_ms']:.2f} ms, recall@10 {row['recall_at_10']:.3f}, "
                       f"errors {row['errors']}", flush=True)
         finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(30)
+            stop_process(server)
 
     def draw(ax):
         for n_items, kind in sizes:
