@@ -185,7 +185,8 @@ class SnapshotStore:
         versions = os.path.realpath(self._join("versions"))
         vdir = os.path.realpath(self.version_dir(version))
         if os.path.dirname(vdir) != versions or os.path.dirname(os.path.realpath(path)) != vdir:
-            raise CorruptSnapshot(f"v{version} resolves outside the store")
+            raise CorruptSnapshot(f"{os.path.basename(path)} in v{version} resolves outside "
+                                  "the store")
 
     def read_manifest(self, version: int) -> Manifest:
         path = self.version_dir(version) + "/manifest.json"
@@ -200,12 +201,7 @@ class SnapshotStore:
 
     def _read_verified(self, version: int, name: str, meta: dict[str, Any]) -> bytes:
         path = self.version_dir(version) + "/" + name
-        if self.local:
-            real = os.path.realpath(path)
-            base = os.path.realpath(self.version_dir(version))
-            if os.path.dirname(real) != base or \
-                    os.path.dirname(base) != os.path.realpath(self._join("versions")):
-                raise CorruptSnapshot(f"{name} in v{version} resolves outside its version")
+        self._check_inside(version, path)
         try:
             raw = self.fs.cat_file(path)
         except FileNotFoundError:
@@ -305,15 +301,10 @@ class SnapshotStore:
                                item_ids=docs.get("item_ids", []), tables=tables)
             start = 1
         merged: StateDelta | None = None
-        pending: list[StateDelta] = []
-        for m in manifests[start:]:  # merged a few at a time: memory stays near one delta
-            pending.append(self._read_delta(m))  # the manifest read by chain(), not again
-            if len(pending) == 32:
-                merged = merge_deltas([merged, *pending] if merged else pending)
-                pending = []
-        if pending:
-            merged = merge_deltas([merged, *pending] if merged else pending)
-        changed = [merged.item_rows] if merged is not None else []
+        for i in range(start, len(manifests), 32):  # a few at a time: memory stays near one delta
+            # from the manifests chain() read, not read again
+            batch = [self._read_delta(m) for m in manifests[i:i + 32]]
+            merged = merge_deltas([merged, *batch] if merged else batch)
         if merged is not None:
             try:
                 state = apply_delta(state, merged)
@@ -321,7 +312,7 @@ class SnapshotStore:
                 raise CorruptSnapshot(
                     f"deltas up to v{manifests[-1].version} do not apply: {exc}") from None
         if from_base and base is not None:
-            rows = np.unique(np.concatenate(changed)) if changed else np.zeros(0, np.int64)
+            rows = np.unique(merged.item_rows) if merged is not None else np.zeros(0, np.int64)
             return Snapshot(manifests[-1], state, changed_items=rows, base_version=base.version)
         return Snapshot(manifests[-1], state)
 
@@ -472,7 +463,6 @@ class SnapshotStore:
             else:
                 self.fs.rm(self.version_dir(v), recursive=True)
         return doomed
-
 
     def _chain_versions(self, version: int) -> list[int]:
         """The versions of ``version``'s chain, reading only manifests not read before.
