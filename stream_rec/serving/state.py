@@ -96,14 +96,6 @@ class ServingState:
             return None
         return self.state.tables["item.vectors"][row], np.array([row], dtype=np.int64)
 
-    def similar(self, item_id: str, k: int) -> list[tuple[str, float]] | None:
-        """Items closest to ``item_id`` by inner product; ``None`` if unknown."""
-        planned = self.plan_similar(item_id)
-        if planned is None:
-            return None
-        vector, exclude = planned
-        return self.named(self.index.search(vector[None, :], k, [exclude])[0])
-
 
 class SnapshotWatcher:
     """Polls a store and hot-swaps newer verified versions into :attr:`current`."""
