@@ -18,6 +18,14 @@ from stream_rec.model import Changed, ModelConfig, ModelState, StreamingModel
 SMALL = {"dim": 16, "history": 10, "negatives": 64, "replay": 500, "replay_per_step": 100}
 
 
+def _assert_same(sa: ModelState, sb: ModelState) -> None:
+    assert sa.user_ids == sb.user_ids and sa.item_ids == sb.item_ids
+    assert list(sa.tables) == list(sb.tables)
+    for k in sa.tables:
+        assert sa.tables[k].dtype == sb.tables[k].dtype, k
+        np.testing.assert_array_equal(sa.tables[k], sb.tables[k], err_msg=k)
+
+
 def _events(n: int, **kw):
     ev = list(itertools.islice(iter_synthetic(n_users=100, n_items=200, **kw), n))
     users = [e["user_id"] for e in ev]
@@ -89,11 +97,7 @@ def test_state_round_trip_continues_bitwise(extra: dict) -> None:
     b = StreamingModel.from_state(a.state(), device="cpu")
     _feed(a, users[1200:], items[1200:], ts[1200:])
     _feed(b, users[1200:], items[1200:], ts[1200:])
-    sa, sb = a.state(), b.state()
-    assert sa.user_ids == sb.user_ids and sa.item_ids == sb.item_ids
-    assert sa.tables.keys() == sb.tables.keys()
-    for k in sa.tables:
-        np.testing.assert_array_equal(sa.tables[k], sb.tables[k], err_msg=k)
+    _assert_same(a.state(), b.state())
 
 
 def test_ids_grow_without_restart() -> None:
@@ -188,9 +192,7 @@ def test_callback_path_matches_batch_path(n_users: int, extra: dict) -> None:
         a.learn(users[s:s + 300], items[s:s + 300], ts[s:s + 300])
         b.learn(users[s:s + 300], items[s:s + 300], ts[s:s + 300], before_event=calls.append)
     assert len(calls) == 1200
-    sa, sb = a.state(), b.state()
-    for k in sa.tables:
-        np.testing.assert_array_equal(sa.tables[k], sb.tables[k], err_msg=k)
+    _assert_same(a.state(), b.state())
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -229,14 +231,6 @@ def test_delta_equals_delta_from_state(seed: int, sizes: list[int], frac_u: floa
                 assert got.tables[k].dtype == want.tables[k].dtype, k
                 assert got.tables[k].shape == want.tables[k].shape, k
                 assert got.tables[k].tobytes() == want.tables[k].tobytes(), k
-
-
-def _assert_same(sa: ModelState, sb: ModelState) -> None:
-    assert sa.user_ids == sb.user_ids and sa.item_ids == sb.item_ids
-    assert list(sa.tables) == list(sb.tables)
-    for k in sa.tables:
-        assert sa.tables[k].dtype == sb.tables[k].dtype, k
-        np.testing.assert_array_equal(sa.tables[k], sb.tables[k], err_msg=k)
 
 
 def _splits(rng: np.random.Generator, n: int, hi: int) -> list[int]:
