@@ -33,6 +33,7 @@ from benchlib import ROOT, plot, write_result
 
 from stream_rec.broker import free_port, stop_process, wait_for_port
 from stream_rec.index import ItemIndex, set_search_threads
+from stream_rec.model import tables as T
 from stream_rec.snapshot import SnapshotStore
 
 
@@ -121,7 +122,7 @@ def run_level(port: int, users: list[str], concurrency: int, seconds: float) -> 
 
 def index_alone(state, kind: str, queries: np.ndarray, excludes: list[np.ndarray],
                 nprobe: int) -> float:
-    idx = ItemIndex.build(state.tables["item.vectors"], kind=kind, nprobe=nprobe)
+    idx = ItemIndex.build(state.tables[T.ITEM_VECTORS], kind=kind, nprobe=nprobe)
     t0 = time.perf_counter()
     for q, e in zip(queries, excludes):
         idx.search(q[None, :], 10, [e])
@@ -161,7 +162,7 @@ def main() -> None:
         rate = index_alone(state, kind, queries[:500], excludes[:500], args.nprobe)
         alone[str(n_items)] = round(rate)
         print(f"  index alone, one query at a time: {rate:,.0f} queries/s", flush=True)
-        exact = ItemIndex.build(state.tables["item.vectors"], kind="flat")
+        exact = ItemIndex.build(state.tables[T.ITEM_VECTORS], kind="flat")
         truth = {u: [state.item_ids[r] for r, _ in exact.search(queries[i:i + 1], 10,
                                                                  [excludes[i]])[0]]
                  for i, u in enumerate(users)}

@@ -34,9 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stream_rec import datasets
 from stream_rec.index import ItemIndex, set_search_threads
-from stream_rec.model import ModelConfig, ModelState, StreamingModel
+from stream_rec.model import ModelConfig, ModelState, StreamingModel, delta_from_state
+from stream_rec.model import tables as T
 from stream_rec.serving.state import SnapshotWatcher
-from stream_rec.snapshot import SnapshotStore, delta_from_state
+from stream_rec.snapshot import SnapshotStore
 
 
 def template_state(dim: int) -> ModelState:
@@ -60,22 +61,22 @@ def big_state(n_items: int, n_users: int, dim: int, seed: int = 0) -> ModelState
     tpl = template_state(dim)
     tables: dict[str, np.ndarray] = {}
     for name, arr in tpl.tables.items():
-        n = n_items if name.startswith("item.") else n_users if name.startswith("user.") else 0
+        n = {"item": n_items, "user": n_users, "global": 0}[T.kind(name)]
         if not n:
             tables[name] = arr
             continue
         src = rng.integers(0, len(arr), n)
         tables[name] = arr[src].copy()
     vec = clustered(n_items, dim, rng)
-    tables["item.out"] = vec
-    tables["item.vectors"] = np.concatenate(
+    tables[T.ITEM_OUT] = vec
+    tables[T.ITEM_VECTORS] = np.concatenate(
         [vec, rng.normal(size=(n_items, 1)).astype(np.float32) * 0.1], axis=1)
-    if "user.hist" in tables:
-        tables["user.hist"] = rng.integers(0, n_items, tables["user.hist"].shape)
+    if T.USER_HIST in tables:
+        tables[T.USER_HIST] = rng.integers(0, n_items, tables[T.USER_HIST].shape)
     seen_len = 20
-    tables["global.seen_indptr"] = np.arange(0, (n_users + 1) * seen_len, seen_len,
+    tables[T.SEEN_PTR] = np.arange(0, (n_users + 1) * seen_len, seen_len,
                                              dtype=np.int64)
-    tables["global.seen_items"] = rng.integers(0, n_items, n_users * seen_len)
+    tables[T.SEEN_ITEMS] = rng.integers(0, n_items, n_users * seen_len)
     return ModelState(config=tpl.config, user_ids=[f"u{i}" for i in range(n_users)],
                       item_ids=[f"i{i}" for i in range(n_items)], tables=tables)
 
@@ -88,9 +89,9 @@ def perturb(state: ModelState, users: np.ndarray, items: np.ndarray,
             rng: np.random.Generator) -> None:
     """Change the given rows in place, as a training batch would."""
     for name, arr in state.tables.items():
-        if name.startswith("item.") and arr.dtype.kind == "f":
+        if T.kind(name) == "item" and arr.dtype.kind == "f":
             arr[items] += rng.normal(scale=0.01, size=arr[items].shape).astype(arr.dtype)
-        elif name.startswith("user.") and arr.dtype.kind == "f":
+        elif T.kind(name) == "user" and arr.dtype.kind == "f":
             arr[users] += rng.normal(scale=0.01, size=arr[users].shape).astype(arr.dtype)
 
 
@@ -225,7 +226,7 @@ def main() -> None:
           f"{published[0]} versions were published ({swaps} swapped in)", flush=True)
 
     recall_n = min(args.items, 200_000)
-    recall = recall_ivf(state.tables["item.vectors"][:recall_n], [1, 4, args.nprobe])
+    recall = recall_ivf(state.tables[T.ITEM_VECTORS][:recall_n], [1, 4, args.nprobe])
     print(f"IVF recall@10 vs exact ({recall_n} clustered vectors) by nprobe: {recall}",
           flush=True)
 

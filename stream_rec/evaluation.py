@@ -17,17 +17,13 @@ them. Baselines are counts and update per event.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import datasets
 from .model import ModelConfig, StreamingModel
 
 K = 10
@@ -301,71 +297,10 @@ def _model_rank(model: StreamingModel, user: str, item: str) -> int | None:
     row = model.user_row(user)
     live = model.live_items()
     if row is None:
-        pop = model._pop[: model.n_items]
+        pop = model.fast.pop[: model.n_items]
         scores = np.where(live & np.isfinite(pop), pop, -np.inf)
         return _rank(scores, target, ())
     user_scores = model.score_user(user)
     assert user_scores is not None
     scores = np.where(live, user_scores, -np.inf)
     return _rank(scores, target, model.seen_rows(row))
-
-
-# ------------------------------------------------------------------------- cli
-def format_table(result: dict[str, Any]) -> str:
-    """Terminal table: one row per system."""
-    rows = [("model", result["model"])] + list(result["baselines"].items())
-    lines = [f"{'system':<20} {'HR@10':>8} {'NDCG@10':>8} {'MRR':>8} {'train ev/s':>12}"]
-    for name, r in rows:
-        lines.append(f"{name:<20} {r['hr@10']:>8.4f} {r['ndcg@10']:>8.4f} {r['mrr']:>8.4f} "
-                     f"{r['events_per_s']:>12,.0f}")
-    lines.append(f"events={result['n_events']} tested={result['n_tested']} "
-                 f"batch={result['batch_size']} device={result['device']} "
-                 f"wall={result['wall_s']:.1f}s")
-    return "\n".join(lines)
-
-
-def load_events(dataset: str) -> Any:
-    """``"ml-100k"`` -> structured array; otherwise a JSONL/CSV path read by ``iter_file``."""
-    if dataset == "ml-100k":
-        return datasets.load_ml100k()
-    return datasets.iter_file(Path(dataset))
-
-
-def _handle(args: argparse.Namespace) -> int:
-    cfg = ModelConfig()
-    result = run_eval(load_events(args.dataset), warmup=args.warmup,
-                      sample_every=args.sample_every, seed=args.seed,
-                      batch_size=args.batch_size, model_cfg=cfg, device=args.device)
-    print(format_table(result), flush=True)
-    if args.json:
-        print(json.dumps(result), flush=True)
-    return 0
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register the ``eval`` subcommand on an argparse subparsers object."""
-    p = subparsers.add_parser("eval", help="prequential evaluation of the model vs baselines",
-                              description=__doc__.split("\n\n")[0],
-                              epilog="example:\n  stream-rec eval --dataset ml-100k --json",
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="ml-100k", help="ml-100k or a JSONL/CSV events file")
-    p.add_argument("--warmup", type=float, default=0.1, help="fraction learned before testing")
-    p.add_argument("--sample-every", type=int, default=25, help="test 1 in N events")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=1000)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
-    p.set_defaults(func=_handle)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry: ``python -m stream_rec.evaluation eval ...``."""
-    parser = argparse.ArgumentParser(prog="stream-rec")
-    add_parser(parser.add_subparsers(dest="cmd", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from . import tables as T
+
 
 @dataclass
 class Changed:
@@ -87,20 +89,20 @@ class ModelState:
         """Query vectors (B, D + 1) float32 for user rows (B,), to score by inner product."""
         rows = np.asarray(user_rows, dtype=np.int64).reshape(-1)
         t = self.tables
-        item_in = t["item.in"]
-        hist = t["user.hist"][rows]                                   # (B, H)
-        hts = t["user.hist_ts"][rows]
+        item_in = t[T.ITEM_IN]
+        hist = t[T.USER_HIST][rows]                                   # (B, H)
+        hts = t[T.USER_HIST_TS][rows]
         edges = np.asarray(self.config.get("time_buckets_s", []), dtype=np.float64) * 1000.0
         bucket = np.searchsorted(edges, hts[:, :1] - hts, side="right")  # (B, H)
         mask = hist >= 0
-        pos_w = t["global.pos_w"].reshape(hist.shape[1], -1)           # (H, NB)
+        pos_w = t[T.POS_W].reshape(hist.shape[1], -1)           # (H, NB)
         wts = pos_w[np.arange(hist.shape[1])[None, :], bucket] * mask  # (B, H)
         emb = item_in[np.where(mask, hist, 0)]                         # (B, H, D)
         q = np.einsum("bhd,bh->bd", emb, wts).astype(np.float32)
         if self.config.get("transition", False):
-            q = q + (emb[:, 0] * mask[:, :1]) @ t["global.transition"]
+            q = q + (emb[:, 0] * mask[:, :1]) @ t[T.TRANSITION]
         if self.config.get("use_user_vector", True):
-            q = q + t["user.vec"][rows]
+            q = q + t[T.USER_VEC][rows]
         q = q * np.float32(self.config.get("scale", 1.0))
         out = np.ones((len(rows), q.shape[1] + 1), dtype=np.float32)
         out[:, :-1] = q
@@ -108,16 +110,16 @@ class ModelState:
 
     def seen(self, user_row: int) -> np.ndarray:
         """Item rows the user has interacted with (to exclude from answers)."""
-        ptr = self.tables["global.seen_indptr"]
+        ptr = self.tables[T.SEEN_PTR]
         if user_row < 0 or user_row + 1 >= len(ptr):
             return np.zeros(0, dtype=np.int64)
-        return self.tables["global.seen_items"][ptr[user_row]:ptr[user_row + 1]]
+        return self.tables[T.SEEN_ITEMS][ptr[user_row]:ptr[user_row + 1]]
 
     def popular(self, k: int) -> np.ndarray:
         """Up to ``k`` live item rows, by decayed popularity, most popular first."""
         if self._popular is None:
             live = np.array([bool(i) for i in self.item_ids], dtype=bool)
-            pop = np.where(live, self.tables["item.pop_log"], -np.inf)
+            pop = np.where(live, self.tables[T.ITEM_POP_LOG], -np.inf)
             order = np.argsort(-pop, kind="stable")
             self._popular = order[np.isfinite(pop[order])]
         return self._popular[:k]
@@ -130,14 +132,14 @@ class ModelState:
         row = self.user_row(user_id)
         if row is None:
             rows = self.popular(k)
-            return [(self.item_ids[r], float(self.tables["item.pop_log"][r])) for r in rows]
+            return [(self.item_ids[r], float(self.tables[T.ITEM_POP_LOG][r])) for r in rows]
         import faiss
 
         if self._faiss is None:
             live = np.flatnonzero(np.array([bool(i) for i in self.item_ids], dtype=bool))
-            index = faiss.IndexIDMap(faiss.IndexFlatIP(self.tables["item.vectors"].shape[1]))
+            index = faiss.IndexIDMap(faiss.IndexFlatIP(self.tables[T.ITEM_VECTORS].shape[1]))
             if len(live):
-                index.add_with_ids(np.ascontiguousarray(self.tables["item.vectors"][live]),
+                index.add_with_ids(np.ascontiguousarray(self.tables[T.ITEM_VECTORS][live]),
                                    live.astype(np.int64))
             self._faiss = index
         seen = self.seen(row)

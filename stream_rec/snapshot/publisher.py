@@ -17,8 +17,7 @@ import time
 from dataclasses import dataclass
 
 from stream_rec.faults import failpoint
-from stream_rec.model import ModelState
-from stream_rec.snapshot.delta import StateDelta
+from stream_rec.model import ModelState, StateDelta
 from stream_rec.snapshot.store import Manifest, SnapshotStore
 
 log = logging.getLogger(__name__)

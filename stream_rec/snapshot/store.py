@@ -34,8 +34,8 @@ import orjson
 from fsspec.implementations.local import LocalFileSystem
 
 from stream_rec.faults import failpoint
-from stream_rec.model import ModelState
-from stream_rec.snapshot.delta import StateDelta, apply_delta, merge_deltas
+from stream_rec.model import ModelState, StateDelta, apply_delta, merge_deltas
+from stream_rec.model import tables as T
 
 log = logging.getLogger(__name__)
 
@@ -344,8 +344,8 @@ class SnapshotStore:
         for name, arr in state.tables.items():
             files[f"{name}.npy"] = _npy_bytes(arr)
         counts = {"users": len(state.user_ids), "items": len(state.item_ids)}
-        if "user.events" in state.tables:
-            counts["events"] = int(state.tables["user.events"].sum())
+        if T.USER_EVENTS in state.tables:
+            counts["events"] = int(state.tables[T.USER_EVENTS].sum())
         manifest = Manifest(
             version=version, parent=parent, kind="full", created_at=time.time(),
             offsets=offsets, watermark=watermark, counts=counts, config=dict(state.config),

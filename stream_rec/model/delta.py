@@ -15,11 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stream_rec.model import ModelState
-
-SEEN_PTR = "global.seen_indptr"
-SEEN_ITEMS = "global.seen_items"
-RAGGED = (SEEN_PTR, SEEN_ITEMS)
+from .state import ModelState
+from .tables import RAGGED, SEEN_ITEMS, SEEN_PTR, kind
 
 
 @dataclass
@@ -38,7 +35,9 @@ class StateDelta:
     seen_items: np.ndarray
 
 
-def _rows(rows: np.ndarray | None, n: int) -> np.ndarray:
+def select_rows(rows: np.ndarray | None, n: int) -> np.ndarray:
+    """Sorted unique rows in ``[0, n)`` of ``rows`` (any order, duplicates and strays
+    ignored); ``None`` means all ``n``."""
     if rows is None:
         return np.arange(n, dtype=np.int64)
     rows = np.unique(np.asarray(rows, dtype=np.int64))
@@ -64,12 +63,13 @@ def delta_from_state(state: ModelState, users: np.ndarray | None,
                      items: np.ndarray | None) -> StateDelta:
     """The delta of ``state`` restricted to rows ``users`` and ``items`` (None = all)."""
     nu, ni = len(state.user_ids), len(state.item_ids)
-    urows, irows = _rows(users, nu), _rows(items, ni)
+    urows, irows = select_rows(users, nu), select_rows(items, ni)
     tables: dict[str, np.ndarray] = {}
     for name, arr in state.tables.items():
-        if name.startswith("user."):
+        k = kind(name)
+        if k == "user":
             tables[name] = arr[urows]
-        elif name.startswith("item."):
+        elif k == "item":
             tables[name] = arr[irows]
         elif name not in RAGGED:
             tables[name] = arr
@@ -130,12 +130,13 @@ def apply_delta(base: ModelState, delta: StateDelta) -> ModelState:
             raise ValueError(f"delta grows {what} rows {n_old}->{n_new} without all new rows")
     tables: dict[str, np.ndarray] = {}
     for name, arr in base.tables.items():
-        if name.startswith("user."):
+        k = kind(name)
+        if k == "user":
             tables[name] = _grow_rows(arr, nu, delta.user_rows, delta.tables[name])
-        elif name.startswith("item."):
+        elif k == "item":
             tables[name] = _grow_rows(arr, ni, delta.item_rows, delta.tables[name])
     for name, arr in delta.tables.items():
-        if name.startswith("global."):
+        if kind(name) == "global":
             tables[name] = arr
     tables[SEEN_PTR], tables[SEEN_ITEMS] = _merge_seen(
         base.tables[SEEN_PTR], base.tables[SEEN_ITEMS], nu, delta.user_rows,
@@ -162,7 +163,7 @@ def merge_deltas(deltas: list[StateDelta]) -> StateDelta:
     urows = np.unique(np.concatenate([d.user_rows for d in deltas]))
     irows = np.unique(np.concatenate([d.item_rows for d in deltas]))
     tables: dict[str, np.ndarray] = {n: a for n, a in last.tables.items()
-                                     if n.startswith("global.")}
+                                     if kind(n) == "global"}
     user_ids = [""] * len(urows)
     item_ids = [""] * len(irows)
     owner = np.full(len(urows), -1, dtype=np.int64)  # which delta last wrote each user row
@@ -171,11 +172,12 @@ def merge_deltas(deltas: list[StateDelta]) -> StateDelta:
         upos = np.searchsorted(urows, d.user_rows)
         ipos = np.searchsorted(irows, d.item_rows)
         for name, arr in d.tables.items():
-            if name.startswith(("user.", "item.")):
-                rows = urows if name.startswith("user.") else irows
+            aligned = kind(name)
+            if aligned != "global":
+                rows, pos = (urows, upos) if aligned == "user" else (irows, ipos)
                 if name not in tables:
                     tables[name] = np.empty((len(rows), *arr.shape[1:]), dtype=arr.dtype)
-                tables[name][upos if name.startswith("user.") else ipos] = arr
+                tables[name][pos] = arr
         for p, uid in zip(upos.tolist(), d.user_ids):
             user_ids[p] = uid
         for p, iid in zip(ipos.tolist(), d.item_ids):

@@ -1,0 +1,74 @@
+"""The names of the model's tables, declared once.
+
+A :class:`~stream_rec.model.state.ModelState` is a dict of numpy tables whose
+name says how it lines up: ``user.*`` tables have one row per user row,
+``item.*`` tables one row per item row, and ``global.*`` tables are anything
+else (small tables, stored whole in every version). The model, the delta
+algebra, the snapshot store and serving all refer to tables through these
+constants, so a new table is declared here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+USER = "user."
+ITEM = "item."
+GLOBAL = "global."
+
+# user.* (U, ...)
+USER_VEC = "user.vec"              # (U, D) f32 learned user vector
+USER_ACC = "user.acc"              # (U,) f32 its Adagrad accumulator
+USER_HIST = "user.hist"            # (U, H) i64 recent item rows, newest first (-1 empty)
+USER_HIST_TS = "user.hist_ts"      # (U, H) i64 their event times (ms)
+USER_LAST_TS = "user.last_ts"      # (U,) i64 newest event time (ms)
+USER_EVENTS = "user.events"        # (U,) i64 events learned
+
+# item.* (I, ...)
+ITEM_VECTORS = "item.vectors"      # (I, D + 1) f32 FAISS inner-product vectors
+ITEM_IN = "item.in"                # (I, D) f32 history-side embedding
+ITEM_OUT = "item.out"              # (I, D) f32 target-side embedding
+ITEM_BIAS = "item.bias"            # (I,) f32
+ITEM_ACC_IN = "item.acc_in"        # (I,) f32 Adagrad accumulators
+ITEM_ACC_OUT = "item.acc_out"
+ITEM_ACC_BIAS = "item.acc_bias"
+ITEM_POP_LOG = "item.pop_log"      # (I,) f64 log decayed event count, relative to t_ref
+ITEM_LAST_TS = "item.last_ts"      # (I,) i64 newest event time (ms)
+ITEM_EVENTS = "item.events"        # (I,) i64 events learned
+
+# global.*
+POS_W = "global.pos_w"                       # (H, NB) f32 weight per (slot, age bucket)
+POS_ACC = "global.pos_acc"
+TRANSITION = "global.transition"             # (D, D) f32
+TRANSITION_ACC = "global.transition_acc"
+STEP = "global.step"                         # (1,) i64 training chunks completed
+T_REF = "global.t_ref"                       # (1,) i64 reference time of pop_log (-1 none)
+WATERMARK = "global.watermark"               # (1,) i64 newest event time learned (-1 none)
+SEEN_PTR = "global.seen_indptr"              # (U + 1,) i64 CSR of each user's seen item rows
+SEEN_ITEMS = "global.seen_items"
+REPLAY = "global.replay_"                    # prefix of the replay ring's event columns
+REPLAY_POS = "global.replay_pos"
+FREE_USERS = "global.free_users"             # rows free for reuse
+FREE_ITEMS = "global.free_items"
+PENDING_USER_IDS = "global.pending_user_ids"  # ids waiting for admission, and their counts
+PENDING_USER_COUNTS = "global.pending_user_counts"
+PENDING_ITEM_IDS = "global.pending_item_ids"
+PENDING_ITEM_COUNTS = "global.pending_item_counts"
+CHUNK = "global.chunk_"                      # prefix of the incomplete chunk's event columns
+CHUNK_FILL = "global.chunk_fill"             # (1,) stream events in it
+CHUNK_NEW_USERS = "global.chunk_new_users"   # rows allocated in it (initialised at its end)
+CHUNK_NEW_ITEMS = "global.chunk_new_items"
+
+# The ragged seen lists are not row-aligned: deltas carry them as their own CSR.
+RAGGED = (SEEN_PTR, SEEN_ITEMS)
+
+Kind = Literal["user", "item", "global"]
+
+
+def kind(name: str) -> Kind:
+    """How table ``name`` lines up: with user rows, with item rows, or not at all."""
+    if name.startswith(USER):
+        return "user"
+    if name.startswith(ITEM):
+        return "item"
+    return "global"
