@@ -1,0 +1,114 @@
+"""Worker liveness: is the broker answering, and an endpoint that says so.
+
+A stalled broker does not make ``poll`` fail: it returns nothing, as an idle
+topic does. So :class:`Health` counts contact only from evidence that the
+broker answered, and :func:`serve_health` exposes it (with the worker's
+Prometheus metrics) for an orchestrator's liveness probe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+log = logging.getLogger(__name__)
+
+
+class Health:
+    """Liveness as the broker side sees it, for ``/healthz`` and the log.
+
+    A stalled broker does not make ``poll`` fail: it returns nothing, as an
+    idle topic does. So contact is counted only from evidence that the broker
+    answered: a poll that returned records, a successful offset commit, or a
+    group heartbeat response (kafka-python's coordinator records its time).
+    A polling loop that is itself stuck stops refreshing all three.
+    """
+
+    def __init__(self, stall_after_s: float) -> None:
+        self.stall_after_s = stall_after_s
+        self.last_contact = time.monotonic()
+        self.last_records: float | None = None
+        self.last_commit: float | None = None
+        self._reported = False
+
+    def polled(self, consumer: Any, got_records: bool) -> None:
+        now = time.monotonic()
+        self._log_transition(now)  # a poll blocked through the stall still reports it
+        if got_records:
+            self.last_records = self.last_contact = now
+        heartbeat = getattr(getattr(consumer, "_coordinator", None), "heartbeat", None)
+        answered = getattr(heartbeat, "last_receive", None)
+        if isinstance(answered, float) and answered != float("inf") \
+                and answered > self.last_contact:
+            self.last_contact = answered
+        self._log_transition(now)
+
+    def committed(self) -> None:
+        self.last_commit = self.last_contact = time.monotonic()
+
+    def _log_transition(self, now: float) -> None:
+        stalled = now - self.last_contact > self.stall_after_s
+        if stalled and not self._reported:
+            log.warning("stalled: no answer from the broker for %.0f s", now - self.last_contact)
+        elif not stalled and self._reported:
+            log.warning("broker answers again: resuming")
+        self._reported = stalled
+
+    def check(self) -> tuple[bool, dict[str, Any]]:
+        """:meth:`status`, logging a stall the moment it is seen (from any thread)."""
+        self._log_transition(time.monotonic())
+        return self.status()
+
+    def status(self) -> tuple[bool, dict[str, Any]]:
+        """(healthy, details) for the health endpoint."""
+        now = time.monotonic()
+        age = now - self.last_contact
+        body: dict[str, Any] = {
+            "status": "ok", "seconds_since_broker_contact": round(age, 1),
+            "seconds_since_records": None if self.last_records is None
+            else round(now - self.last_records, 1),
+            "seconds_since_commit": None if self.last_commit is None
+            else round(now - self.last_commit, 1)}
+        if age > self.stall_after_s:
+            body["status"] = "stalled"
+            body["reason"] = (f"no successful poll, heartbeat or commit for {age:.0f} s "
+                              f"(limit {self.stall_after_s:g} s): broker unreachable or stalled")
+            return False, body
+        return True, body
+
+
+def serve_health(check: Callable[[], tuple[bool, dict[str, Any]]], registry: CollectorRegistry,
+                 port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
+    """``/healthz`` (200, or 503 with the reason) and ``/metrics`` on a daemon thread."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/healthz":
+                ok, body = check()
+                data, ctype, code = json.dumps(body).encode(), "application/json", \
+                    200 if ok else 503
+            elif path == "/metrics":
+                data, ctype, code = generate_latest(registry), CONTENT_TYPE_LATEST, 200
+            else:
+                data, ctype, code = b"not found", "text/plain", 404
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="worker-health", daemon=True).start()
+    return server

@@ -1,0 +1,209 @@
+"""Where the worker's records come from: the live consumer group, or a bounded range.
+
+Both sources position every partition at the offsets of the version the
+worker holds (its checkpoint), so what was published is never read twice and
+what was not is never skipped. They differ in what "done" and "commit" mean:
+
+- :class:`GroupSource` follows the topic as a member of the consumer group.
+  It seeks on assignment, rewinds the worker when partitions are revoked or
+  lost, commits only partitions it owns, and refuses to publish after a batch
+  overran ``max_poll_interval_ms`` (the member was evicted).
+- :class:`BoundedSource` replays explicit partitions up to fixed end offsets
+  (``stream-rec replay``): manual assignment, no group, no commits; the
+  snapshot alone records progress, which makes a replay resumable.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from stream_rec.ingest.kafka import make_consumer
+from stream_rec.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+Offsets = dict[int, int]
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """A bounded run over explicit partitions (replay), instead of following a group.
+
+    ``start`` is where each partition begins when the store has no snapshot yet
+    (a snapshot's offsets win, which makes a bounded run resumable and
+    idempotent); ``stop`` is each partition's end offset, exclusive.
+    """
+
+    start: dict[int, int]
+    stop: dict[int, int]
+
+
+class GroupSource:
+    """The live topic, as a member of ``kafka.group_id``.
+
+    ``positions()`` returns the offsets of the state the worker holds;
+    ``on_lost()`` is called when partitions are revoked or lost and must bring
+    the worker back to its newest durable version (whose offsets
+    ``positions()`` then returns, and where the assignment seeks).
+    """
+
+    def __init__(self, kafka: KafkaSettings, positions: Callable[[], Offsets],
+                 on_lost: Callable[[], None]) -> None:
+        self.kafka = kafka
+        self.positions = positions
+        self.on_lost = on_lost
+        self.consumer: Any = None
+        self.generation = 0  # rebalances so far: records polled before one are stale
+        self.last_poll = time.monotonic()
+
+    def open(self) -> None:
+        self.consumer = make_consumer(self.kafka, self.kafka.group_id)
+        self.consumer.subscribe([self.kafka.topic], listener=SeekToCheckpoint(self))
+
+    def poll(self, timeout_ms: int, max_records: int) -> dict[Any, list[Any]]:
+        got = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        self.last_poll = time.monotonic()
+        return got
+
+    def admit(self, records: list[Any]) -> tuple[list[Any], Offsets]:
+        """Records to apply, and partitions known complete (none: the topic never ends)."""
+        return records, {}
+
+    def reached_end(self, offsets: Offsets) -> bool:
+        return False
+
+    def may_publish(self) -> bool:
+        """May the worker publish what it holds? Not after overrunning the poll interval.
+
+        A batch that took longer than ``max_poll_interval_ms`` got this member
+        evicted: its partitions may already be someone else's, who starts from
+        the committed (= published) offsets. Publishing the batch would then
+        apply its events twice across the group. The next poll rejoins, the
+        rebalance rewinds to the published version, and the events are read
+        again by whoever owns them now.
+        """
+        overran = time.monotonic() - self.last_poll > self.kafka.max_poll_interval_ms / 1000.0
+        if overran:
+            log.warning("batch overran max_poll_interval_ms: not publishing before rejoining")
+        return not overran
+
+    def commit(self, offsets: Offsets) -> bool:
+        """Commit ``offsets`` of owned partitions; whether the broker took them.
+
+        Only partitions this member owns: committing a lost partition's older
+        offset would move its new owner's committed position backwards.
+        """
+        owned = {tp.partition for tp in self.consumer.assignment()}
+        to_commit = {TopicPartition(self.kafka.topic, p): OffsetAndMetadata(o, "", -1)
+                     for p, o in offsets.items() if p in owned}
+        if not to_commit:
+            return False
+        try:
+            self.consumer.commit(to_commit)
+            return True
+        except (CommitFailedError, KafkaError) as exc:
+            # The snapshot already holds these offsets; a failed commit only
+            # means a restart will seek from the snapshot instead.
+            log.warning("offset commit failed (the snapshot keeps them): %s", exc)
+            return False
+
+    def close(self) -> None:
+        if self.consumer is not None:
+            self.consumer.close(autocommit=False)
+
+
+class SeekToCheckpoint(ConsumerRebalanceListener):
+    """On assignment, position each partition where the held version left it.
+
+    kafka-python runs these callbacks inside ``poll()``, on the polling thread.
+    """
+
+    def __init__(self, source: GroupSource) -> None:
+        self.source = source
+
+    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
+        if revoked:
+            self.source.generation += 1
+            self.source.on_lost()
+
+    def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
+        log.warning("partitions lost (evicted from the group): %s",
+                    sorted(tp.partition for tp in lost))
+        if lost:
+            self.source.generation += 1
+            self.source.on_lost()
+
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        consumer = self.source.consumer
+        offsets = self.source.positions()
+        fresh = []
+        for tp in assigned:
+            offset = offsets.get(tp.partition)
+            if offset is None:
+                fresh.append(tp)
+            else:
+                consumer.seek(tp, offset)
+        if fresh:
+            consumer.seek_to_beginning(*fresh)
+        log.info("partitions assigned: %s (from snapshot offsets %s)",
+                 sorted(tp.partition for tp in assigned), offsets)
+
+
+class BoundedSource:
+    """Explicit partitions from the held version's offsets (else ``bounds.start``) to ``stop``."""
+
+    def __init__(self, kafka: KafkaSettings, bounds: Bounds,
+                 positions: Callable[[], Offsets]) -> None:
+        self.kafka = kafka
+        self.bounds = bounds
+        self.positions = positions
+        self.consumer: Any = None
+        self.generation = 0  # no group, no rebalances
+
+    def open(self) -> None:
+        self.consumer = make_consumer(self.kafka, None)
+        parts = [TopicPartition(self.kafka.topic, p) for p in sorted(self.bounds.stop)]
+        self.consumer.assign(parts)
+        offsets = self.positions()
+        for tp in parts:
+            self.consumer.seek(tp, offsets.get(tp.partition,
+                                               self.bounds.start.get(tp.partition, 0)))
+
+    def poll(self, timeout_ms: int, max_records: int) -> dict[Any, list[Any]]:
+        return self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+
+    def admit(self, records: list[Any]) -> tuple[list[Any], Offsets]:
+        """Records below each partition's stop, and the partitions whose range is done.
+
+        A partition counts as done once the consumer's position reached its
+        stop, even if its last offsets hold no record (compaction, markers).
+        """
+        stop = self.bounds.stop
+        records = [r for r in records if r.offset < stop.get(r.partition, 0)]
+        done = {p: end for p, end in stop.items()
+                if self.consumer.position(TopicPartition(self.kafka.topic, p)) >= end}
+        return records, done
+
+    def reached_end(self, offsets: Offsets) -> bool:
+        """Has every partition reached its stop offset?"""
+        return all(offsets.get(p, self.bounds.start.get(p, 0)) >= end
+                   for p, end in self.bounds.stop.items())
+
+    def may_publish(self) -> bool:
+        return True
+
+    def commit(self, offsets: Offsets) -> bool:
+        return False  # a bounded run has no group: its snapshot alone records progress
+
+    def close(self) -> None:
+        if self.consumer is not None:
+            self.consumer.close(autocommit=False)
