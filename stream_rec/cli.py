@@ -15,7 +15,8 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+
+from stream_rec.ops.common import UsageError, add_plain_command, settings_for
 
 log = logging.getLogger("stream_rec")
 
@@ -33,41 +34,10 @@ EXAMPLES = {
 }
 
 
-class UsageError(Exception):
-    """An expected failure: printed as one line, exit code 2."""
-
-
-def _common(p: argparse.ArgumentParser, server: bool = False) -> None:
-    g = p.add_argument_group("common")
-    g.add_argument("--bootstrap", help="Kafka bootstrap servers (host:port[,host:port])")
-    g.add_argument("--topic", help="clicks topic")
-    g.add_argument("--store", help="snapshot store path or fsspec URL")
-    if server:
-        g.add_argument("--port", type=int, help="port to listen on")
-    g.add_argument("--log-level", help="DEBUG, INFO, WARNING…")
-
-
-def _settings(args: argparse.Namespace) -> Any:
-    from stream_rec.settings import load_settings
-
-    return load_settings(**{
-        "kafka.bootstrap": getattr(args, "bootstrap", None),
-        "kafka.topic": getattr(args, "topic", None),
-        "store.path": getattr(args, "store", None),
-        "serve.port": getattr(args, "port", None),
-        "log_level": getattr(args, "log_level", None),
-    })
-
-
-def _parser(sub: argparse._SubParsersAction, name: str, help_: str,
-            func: Callable[[argparse.Namespace], int], server: bool = False
-            ) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help_, description=help_,
-                       epilog=f"example:\n  {EXAMPLES.get(name, '')}",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(p, server)
-    p.set_defaults(func=func)
-    return p
+def _command(sub: argparse._SubParsersAction, name: str, help_: str,
+             func: Callable[[argparse.Namespace], int], server: bool = False
+             ) -> argparse.ArgumentParser:
+    return add_plain_command(sub, name, help_, func, EXAMPLES[name], server)
 
 
 # -- subcommands ------------------------------------------------------------
@@ -92,7 +62,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     from stream_rec.settings import config_file
 
-    settings = _settings(args)
+    settings = settings_for(args)
     data = {"config_file": str(config_file() or ""), **settings.masked()}
     print(json.dumps(data, indent=2))
     return 0
@@ -101,7 +71,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_produce(args: argparse.Namespace) -> int:
     from stream_rec.producer import open_source, produce
 
-    settings = _settings(args)
+    settings = settings_for(args)
     events = open_source(args.dataset, seed=args.seed)
     n = produce(settings.kafka, events, limit=args.limit, rate=args.rate,
                 progress=None if not args.no_progress else False)
@@ -112,7 +82,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from stream_rec.worker import run_worker
 
-    settings = _settings(args)
+    settings = settings_for(args)
     if args.group:
         settings.kafka.group_id = args.group
     if args.device:
@@ -124,7 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from stream_rec.serving.app import serve
     from stream_rec.snapshot import SnapshotStore
 
-    settings = _settings(args)
+    settings = settings_for(args)
     if args.host:
         settings.serve.host = args.host
     serve(SnapshotStore(settings.store.path, settings.store.keep_versions), settings.serve)
@@ -134,7 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from stream_rec.demo import run_demo
 
-    return run_demo(_settings(args), rate=args.rate, limit=args.limit, watch=args.watch)
+    return run_demo(settings_for(args), rate=args.rate, limit=args.limit, watch=args.watch)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,13 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="stream-rec", description="Streaming recommendations from Kafka click events.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = _parser(sub, "broker", "run the local Kafka-compatible broker in the foreground",
-                cmd_broker, server=True)
+    p = _command(sub, "broker", "run the local Kafka-compatible broker in the foreground",
+                 cmd_broker, server=True)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
 
-    _parser(sub, "config", "print the effective settings (secrets masked)", cmd_config)
+    _command(sub, "config", "print the effective settings (secrets masked)", cmd_config)
 
-    p = _parser(sub, "produce", "push click events to the topic", cmd_produce)
+    p = _command(sub, "produce", "push click events to the topic", cmd_produce)
     p.add_argument("--dataset", default="ml-100k",
                    help="ml-100k, synthetic, or a path to a .jsonl/.csv file")
     p.add_argument("--limit", type=int, default=None, help="stop after N events")
@@ -156,29 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic generator")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a bar")
 
-    p = _parser(sub, "worker", "consume, learn, publish snapshots, commit", cmd_worker,
-                server=False)
+    p = _command(sub, "worker", "consume, learn, publish snapshots, commit", cmd_worker)
     p.add_argument("--group", help="consumer group id")
     p.add_argument("--device", help="auto, cpu or cuda")
 
-    p = _parser(sub, "serve", "answer top-K requests over HTTP from the newest snapshot",
-                cmd_serve, server=True)
+    p = _command(sub, "serve", "answer top-K requests over HTTP from the newest snapshot",
+                 cmd_serve, server=True)
     p.add_argument("--host", help="address to listen on")
 
-    p = _parser(sub, "demo", "local broker + worker + server, replaying MovieLens-100K",
-                cmd_demo, server=True)
+    p = _command(sub, "demo", "local broker + worker + server, replaying MovieLens-100K",
+                 cmd_demo, server=True)
     p.add_argument("--rate", type=float, default=4000.0, help="replay rate, events/s")
     p.add_argument("--limit", type=int, default=None, help="replay only the first N events")
     p.add_argument("--watch", type=int, default=3, help="users whose answers are shown")
 
-    try:
-        from stream_rec import evaluation
-    except ImportError:  # pragma: no cover - the evaluator ships with the package
-        evaluation = None  # type: ignore[assignment]
-    if evaluation is not None:
-        evaluation.add_parser(sub)
-    from stream_rec.ops import dlq, replay, snapshots, status
+    from stream_rec.ops import dlq, evaluate, replay, snapshots, status
 
+    evaluate.add_parser(sub)
     replay.add_parser(sub)
     snapshots.add_parser(sub)
     dlq.add_parser(sub)

@@ -17,23 +17,54 @@ from kafka import TopicPartition
 Handler = Callable[[argparse.Namespace], int]
 
 
-def usage_error(message: str) -> Exception:
-    """The CLI's expected-failure exception (one line, exit 2), imported lazily (no cycle)."""
-    from stream_rec.cli import UsageError
+class UsageError(Exception):
+    """An expected failure: printed as one line, exit code 2."""
 
+
+def usage_error(message: str) -> UsageError:
+    """The CLI's expected-failure exception (one line, exit 2)."""
     return UsageError(message)
+
+
+def add_common_flags(p: argparse.ArgumentParser, server: bool = False) -> None:
+    """``--bootstrap``, ``--topic``, ``--store`` (servers also ``--port``) and ``--log-level``."""
+    g = p.add_argument_group("common")
+    g.add_argument("--bootstrap", help="Kafka bootstrap servers (host:port[,host:port])")
+    g.add_argument("--topic", help="clicks topic")
+    g.add_argument("--store", help="snapshot store path or fsspec URL")
+    if server:
+        g.add_argument("--port", type=int, help="port to listen on")
+    g.add_argument("--log-level", help="DEBUG, INFO, WARNING…")
+
+
+def settings_for(args: argparse.Namespace) -> Any:
+    """Settings from file and environment with the common flags applied on top."""
+    from stream_rec.settings import load_settings
+
+    return load_settings(**{
+        "kafka.bootstrap": getattr(args, "bootstrap", None),
+        "kafka.topic": getattr(args, "topic", None),
+        "store.path": getattr(args, "store", None),
+        "serve.port": getattr(args, "port", None),
+        "log_level": getattr(args, "log_level", None),
+    })
 
 
 def add_command(sub: argparse._SubParsersAction, name: str, help_: str, func: Handler,
                 example: str) -> argparse.ArgumentParser:
     """A (sub)command with the common flags, ``--json`` and an example in its help."""
-    from stream_rec.cli import _common
+    p = add_plain_command(sub, name, help_, func, example)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    return p
 
+
+def add_plain_command(sub: argparse._SubParsersAction, name: str, help_: str, func: Handler,
+                      example: str, server: bool = False) -> argparse.ArgumentParser:
+    """A (sub)command with the common flags and an example in its help."""
     p = sub.add_parser(name, help=help_, description=help_,
                        epilog=f"example:\n  {example}",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(p)
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_common_flags(p, server)
     p.set_defaults(func=func)
     return p
 
@@ -45,12 +76,6 @@ def add_group(sub: argparse._SubParsersAction, name: str, help_: str,
                        epilog=f"example:\n  {example}",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     return p.add_subparsers(dest="action", required=True, metavar="ACTION")
-
-
-def settings_for(args: argparse.Namespace) -> Any:
-    from stream_rec.cli import _settings
-
-    return _settings(args)
 
 
 def emit(args: argparse.Namespace, data: Any, text: str | list[str]) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from stream_rec.model import tables as T
 from stream_rec.ops.common import (
     add_command,
     add_group,
@@ -169,8 +170,8 @@ def diff_states(a: Any, b: Any, atol: float = 0.0) -> dict[str, Any]:
     common = [i for i in ib if i in ia]
     changed, max_abs = 0, 0.0
     if common:
-        va = a.state.tables["item.vectors"][[ia[i] for i in common]]
-        vb = b.state.tables["item.vectors"][[ib[i] for i in common]]
+        va = a.state.tables[T.ITEM_VECTORS][[ia[i] for i in common]]
+        vb = b.state.tables[T.ITEM_VECTORS][[ib[i] for i in common]]
         delta = np.abs(vb.astype(np.float64) - va.astype(np.float64)).max(axis=1)
         changed = int((delta > atol).sum())
         max_abs = float(delta.max()) if len(delta) else 0.0

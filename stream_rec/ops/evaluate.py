@@ -1,0 +1,65 @@
+"""``stream-rec eval``: prequential evaluation of the model against the baselines.
+
+The evaluation itself is :func:`stream_rec.evaluation.run_eval`; this module is
+its command line: the model configuration comes from the settings (file,
+environment), like the worker's, so what is evaluated is what would run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from stream_rec.ops.common import add_plain_command, settings_for
+
+EXAMPLE = "stream-rec eval --dataset ml-100k --json"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Terminal table: one row per system."""
+    rows = [("model", result["model"])] + list(result["baselines"].items())
+    lines = [f"{'system':<20} {'HR@10':>8} {'NDCG@10':>8} {'MRR':>8} {'train ev/s':>12}"]
+    for name, r in rows:
+        lines.append(f"{name:<20} {r['hr@10']:>8.4f} {r['ndcg@10']:>8.4f} {r['mrr']:>8.4f} "
+                     f"{r['events_per_s']:>12,.0f}")
+    lines.append(f"events={result['n_events']} tested={result['n_tested']} "
+                 f"batch={result['batch_size']} device={result['device']} "
+                 f"wall={result['wall_s']:.1f}s")
+    return "\n".join(lines)
+
+
+def load_events(dataset: str) -> Any:
+    """``"ml-100k"`` -> structured array; otherwise a JSONL/CSV path read by ``iter_file``."""
+    from stream_rec import datasets
+
+    if dataset == "ml-100k":
+        return datasets.load_ml100k()
+    return datasets.iter_file(Path(dataset))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from stream_rec.evaluation import run_eval
+
+    cfg = settings_for(args).model
+    result = run_eval(load_events(args.dataset), warmup=args.warmup,
+                      sample_every=args.sample_every, seed=args.seed,
+                      batch_size=args.batch_size, model_cfg=cfg, device=args.device)
+    print(format_table(result), flush=True)
+    if args.json:
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``stream-rec eval``."""
+    p = add_plain_command(sub, "eval", "prequential evaluation of the model vs baselines",
+                          cmd_eval, EXAMPLE)
+    p.add_argument("--dataset", default="ml-100k", help="ml-100k or a JSONL/CSV events file")
+    p.add_argument("--warmup", type=float, default=0.1, help="fraction learned before testing")
+    p.add_argument("--sample-every", type=int, default=25, help="test 1 in N events")
+    p.add_argument("--seed", type=int, default=0, help="offset of the tested sample")
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
