@@ -125,27 +125,23 @@ def create_app(store: SnapshotStore, cfg: ServeSettings | None = None,
     async def recommend(user_id: IdParam, k: KParam = cfg.default_k) -> Response:
         """Top-k unseen items for a user; unknown users get recently popular items."""
         current = ready()
-        planned = current.plan(user_id)
-        if planned is None:
-            items, fallback = current.popular(k), True
-        else:
-            query, exclude = planned
-            hits = await asyncio.wrap_future(batcher.search(current.index, query, k, exclude))
-            items, fallback = current.named(hits), False
-        return _json({"user_id": user_id, **current.meta(), "fallback": fallback,
-                      "items": [{"item_id": i, "score": s} for i, s in items]})
+        plan = current.plan(user_id)
+        hits = None
+        if plan.query is not None:
+            hits = await asyncio.wrap_future(
+                batcher.search(current.index, plan.query, k, plan.exclude))
+        return _json(current.answer(user_id, k, plan, hits))
 
     @app.get("/similar/{item_id}", response_model=Similar)
     async def similar(item_id: IdParam, k: KParam = cfg.default_k) -> Response:
         """Items nearest to an item in the embedding space."""
         current = ready()
-        planned = current.plan_similar(item_id)
-        if planned is None:
+        plan = current.plan_similar(item_id)
+        if plan is None or plan.query is None:
             raise HTTPException(404, f"unknown item {item_id!r}")
-        vector, exclude = planned
-        hits = await asyncio.wrap_future(batcher.search(current.index, vector, k, exclude))
-        return _json({"item_id": item_id, **current.meta(),
-                      "items": [{"item_id": i, "score": s} for i, s in current.named(hits)]})
+        hits = await asyncio.wrap_future(
+            batcher.search(current.index, plan.query, k, plan.exclude))
+        return _json(current.answer_similar(item_id, hits))
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

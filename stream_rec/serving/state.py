@@ -17,15 +17,25 @@ from typing import Any
 import numpy as np
 
 from stream_rec.index import ItemIndex
+from stream_rec.model import tables as T
 from stream_rec.snapshot import CorruptSnapshot, Snapshot, SnapshotStore
 
 log = logging.getLogger(__name__)
 
 
+Hits = list[tuple[int, float]]
+
+
 @dataclass(frozen=True)
-class Recommendation:
-    items: list[tuple[str, float]]
-    fallback: bool
+class Plan:
+    """The search an answer needs: a query vector (D,) and the item rows it must not return.
+
+    ``query`` is ``None`` when there is nothing to search (an unknown user gets
+    recently popular items instead).
+    """
+
+    query: np.ndarray | None
+    exclude: np.ndarray
 
 
 class ServingState:
@@ -41,7 +51,7 @@ class ServingState:
         self.snapshot = snapshot
         self.manifest = snapshot.manifest
         self.state = snapshot.state
-        vectors = self.state.tables["item.vectors"]
+        vectors = self.state.tables[T.ITEM_VECTORS]
         rows = snapshot.changed_items
         self.index: ItemIndex
         if previous is not None and rows is not None \
@@ -63,25 +73,33 @@ class ServingState:
     def meta(self) -> dict[str, Any]:
         return {"version": self.manifest.version, "watermark": self.manifest.watermark}
 
-    def plan(self, user_id: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """The search a user's answer needs: (query (D,), item rows to exclude); None if unknown."""
+    # -- answers: plan, search (batched by the app, directly here), answer --
+    def plan(self, user_id: str) -> Plan:
+        """What ``user_id``'s answer searches: their query, minus the items they saw."""
         row = self.state.user_row(user_id)
         if row is None:
-            return None
+            return Plan(None, np.zeros(0, dtype=np.int64))
         query = self.state.query(np.array([row], dtype=np.int64))[0]
-        return query, np.asarray(self.state.seen(row), dtype=np.int64)
+        return Plan(query, np.asarray(self.state.seen(row), dtype=np.int64))
 
-    def named(self, hits: list[tuple[int, float]]) -> list[tuple[str, float]]:
+    def answer(self, user_id: str, k: int, plan: Plan, hits: Hits | None) -> dict[str, Any]:
+        """The body of ``/recommend``: the searched ``hits``, or popular items without a query."""
+        if plan.query is None:
+            items, fallback = self.popular(k), True
+        else:
+            items, fallback = self.named(hits or []), False
+        return {"user_id": user_id, **self.meta(), "fallback": fallback,
+                "items": [{"item_id": i, "score": s} for i, s in items]}
+
+    def recommend(self, user_id: str, k: int) -> dict[str, Any]:
+        """``/recommend``'s body, searching the index on the calling thread."""
+        plan = self.plan(user_id)
+        hits = None if plan.query is None else \
+            self.index.search(plan.query[None, :], k, [plan.exclude])[0]
+        return self.answer(user_id, k, plan, hits)
+
+    def named(self, hits: Hits) -> list[tuple[str, float]]:
         return [(self.state.item_ids[r], s) for r, s in hits]
-
-    def recommend(self, user_id: str, k: int) -> Recommendation:
-        """Top-``k`` unseen items for ``user_id``; recently popular items if unknown."""
-        planned = self.plan(user_id)
-        if planned is None:
-            return Recommendation(self.popular(k), fallback=True)
-        query, exclude = planned
-        hits = self.index.search(query[None, :], k, [exclude])[0]
-        return Recommendation(self.named(hits), fallback=False)
 
     def popular(self, k: int) -> list[tuple[str, float]]:
         rows = self.state.popular(k)
@@ -89,12 +107,16 @@ class ServingState:
         return [(self.state.item_ids[int(r)], float(n - i) / max(n, 1))
                 for i, r in enumerate(rows)]
 
-    def plan_similar(self, item_id: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """The search ``/similar`` needs: (the item's vector (D,), itself to exclude)."""
+    def plan_similar(self, item_id: str) -> Plan | None:
+        """What ``/similar`` searches: the item's vector, minus the item; None if unknown."""
         row = self.state.item_row(item_id)
         if row is None:
             return None
-        return self.state.tables["item.vectors"][row], np.array([row], dtype=np.int64)
+        return Plan(self.state.tables[T.ITEM_VECTORS][row], np.array([row], dtype=np.int64))
+
+    def answer_similar(self, item_id: str, hits: Hits) -> dict[str, Any]:
+        return {"item_id": item_id, **self.meta(),
+                "items": [{"item_id": i, "score": s} for i, s in self.named(hits)]}
 
 
 class SnapshotWatcher:
