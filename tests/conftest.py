@@ -9,19 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from stream_rec.broker import LocalBroker, free_port
 from stream_rec.settings import KafkaSettings
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _docker_answers() -> bool:
@@ -82,36 +76,3 @@ def kafka_cfg(kafka_bootstrap: str) -> KafkaSettings:
     return KafkaSettings(bootstrap=kafka_bootstrap, topic=f"clicks-{tag}",
                          group_id=f"worker-{tag}", session_timeout_ms=2000,
                          heartbeat_interval_ms=500)
-
-
-def env_for(cfg: KafkaSettings, store: Path, **extra: str) -> dict[str, str]:
-    """Environment for a ``stream-rec`` subprocess using ``cfg`` and ``store``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_REC_")}
-    env.update({
-        "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-        "STREAM_REC_KAFKA__BOOTSTRAP": cfg.bootstrap,
-        "STREAM_REC_KAFKA__TOPIC": cfg.topic,
-        "STREAM_REC_KAFKA__GROUP_ID": cfg.group_id,
-        "STREAM_REC_KAFKA__SESSION_TIMEOUT_MS": str(cfg.session_timeout_ms),
-        "STREAM_REC_KAFKA__HEARTBEAT_INTERVAL_MS": str(cfg.heartbeat_interval_ms),
-        "STREAM_REC_STORE__PATH": str(store),
-        "STREAM_REC_CONFIG": str(ROOT / "configs" / "default.toml"),
-    })
-    env.update(extra)
-    return env
-
-
-def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    out = open(log, "ab")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen([sys.executable, "-m", "stream_rec", *args], env=env,
-                            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-
-
-def wait_until(predicate, timeout_s: float, interval_s: float = 0.1, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 
 import pytest
 
 from stream_rec import evaluation
+from stream_rec.cli import main
 from stream_rec.datasets import iter_synthetic
 from stream_rec.model import ModelConfig
 
@@ -41,11 +41,8 @@ def test_cli_json_last_line(tmp_path, capsys) -> None:
     path = tmp_path / "ev.jsonl"
     events = list(itertools.islice(iter_synthetic(n_users=50, n_items=100), 1500))
     path.write_text("\n".join(json.dumps(e) for e in events) + "\nnot json\n")
-    parser = argparse.ArgumentParser()
-    evaluation.add_parser(parser.add_subparsers(dest="cmd"))
-    args = parser.parse_args(["eval", "--dataset", str(path), "--batch-size", "300",
-                              "--sample-every", "10", "--device", "cpu", "--json"])
-    assert args.func(args) == 0
+    assert main(["eval", "--dataset", str(path), "--batch-size", "300",
+                 "--sample-every", "10", "--device", "cpu", "--json"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert "HR@10" in lines[0]
     out = json.loads(lines[-1])

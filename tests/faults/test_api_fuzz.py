@@ -21,7 +21,7 @@ from schemathesis.specs.openapi.checks import (
 
 from stream_rec.serving.app import create_app
 from stream_rec.snapshot import SnapshotStore
-from tests.test_snapshot_store import trained_state
+from tests.support import trained_state
 
 pytestmark = [pytest.mark.faults]
 

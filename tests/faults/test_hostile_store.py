@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from stream_rec.model import delta_from_state
 from stream_rec.settings import Settings
-from stream_rec.snapshot import CorruptSnapshot, SnapshotStore, delta_from_state
+from stream_rec.snapshot import CorruptSnapshot, SnapshotStore
 from stream_rec.worker import Worker
-from tests.test_snapshot_store import trained_state
+from tests.support import trained_state
 
 pytestmark = [pytest.mark.faults]
 
@@ -83,7 +84,8 @@ def test_worker_restores_the_newest_valid_version(how: str, tmp_path: Path) -> N
     model = worker.restore()
     assert worker.version == 1
     assert worker.offsets == {0: 100, 1: 7}
-    assert worker._restored is not None and worker._restored.version == v1.version
+    assert worker.checkpoint.restored is not None
+    assert worker.checkpoint.restored.version == v1.version
     assert model.n_users == len(state.user_ids)
     # Nothing outside the store was touched.
     assert all(p.is_file() or p.is_dir() for p in outside.iterdir())

@@ -19,8 +19,8 @@ import pytest
 
 from stream_rec.ingest.kafka import ensure_topics
 from stream_rec.settings import KafkaSettings
-from tests.conftest import env_for, spawn, wait_until
 from tests.faults.common import SMALL_MODEL, Feeder, assert_exactly_once, caught_up
+from tests.support import env_for, spawn, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.kafka]
 

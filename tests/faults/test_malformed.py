@@ -26,8 +26,8 @@ from kafka import TopicPartition
 from stream_rec.events import InvalidEvent, decode_batch, encode_event, parse_event
 from stream_rec.ingest.kafka import ensure_topics, make_consumer, make_producer
 from stream_rec.settings import KafkaSettings
-from tests.conftest import env_for, spawn, wait_until
 from tests.faults.common import SMALL_MODEL, assert_exactly_once, caught_up
+from tests.support import env_for, spawn, wait_until
 
 pytestmark = [pytest.mark.faults]
 

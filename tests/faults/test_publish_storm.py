@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 from stream_rec.broker import free_port, stop_process, wait_for_port
-from stream_rec.model import ModelConfig, StreamingModel
+from stream_rec.model import ModelConfig, StreamingModel, delta_from_state
 from stream_rec.settings import KafkaSettings
-from stream_rec.snapshot import SnapshotStore, delta_from_state
-from tests.conftest import env_for, spawn, wait_until
+from stream_rec.snapshot import SnapshotStore
+from tests.support import env_for, spawn, wait_until
 
 pytestmark = [pytest.mark.faults]
 

@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stream_rec import datasets
-from stream_rec.model import ModelConfig, ModelState, StreamingModel
-from stream_rec.snapshot import SnapshotStore, apply_delta, delta_from_state
+from stream_rec.model import ModelConfig, ModelState, StreamingModel, apply_delta, delta_from_state
+from stream_rec.snapshot import SnapshotStore
 
 
 def assert_same_state(a: ModelState, b: ModelState) -> None:
@@ -121,7 +121,7 @@ def test_retention_never_breaks_a_kept_chain(tmp_path_factory, kinds: list[bool]
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), sizes=st.lists(st.integers(1, 60), min_size=2, max_size=6))
 def test_merged_deltas_apply_as_the_chain_does(seed: int, sizes: list[int]) -> None:
-    from stream_rec.snapshot.delta import merge_deltas
+    from stream_rec.model import merge_deltas
 
     model = StreamingModel(ModelConfig(dim=8, seed=2), device="cpu")
     events = _events(seed, sum(sizes), n_users=25, n_items=40)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -58,23 +57,6 @@ def test_events_counted_exactly(trained: StreamingModel) -> None:
         assert st.tables["user.events"][st.user_row(uid)] == users.count(uid)
     for iid in set(items[:50]):
         assert st.tables["item.events"][st.item_row(iid)] == items.count(iid)
-
-
-def test_faiss_path_matches_in_memory(trained: StreamingModel) -> None:
-    st = trained.state()
-    live = np.flatnonzero([bool(i) for i in st.item_ids])
-    index = faiss.IndexIDMap(faiss.IndexFlatIP(st.tables["item.vectors"].shape[1]))
-    index.add_with_ids(st.tables["item.vectors"][live], live.astype(np.int64))
-    for uid in ["u0", "u1", "u7", "u42", "u99"]:
-        row = st.user_row(uid)
-        assert row is not None
-        seen = st.seen(row)
-        _, ids = index.search(st.query(np.array([row])), 10 + len(seen))
-        faiss_top = [st.item_ids[i] for i in ids[0] if i not in set(seen.tolist())][:10]
-        mem_top = [i for i, _ in trained.recommend(uid, 10)]
-        assert faiss_top == mem_top
-        assert [i for i, _ in st.recommend(uid, 10)] == mem_top
-        assert not set(mem_top) & {st.item_ids[r] for r in seen}
 
 
 def test_unknown_user_gets_popular(trained: StreamingModel) -> None:
@@ -201,7 +183,7 @@ def test_callback_path_matches_batch_path(n_users: int, extra: dict) -> None:
 def test_delta_equals_delta_from_state(seed: int, sizes: list[int], frac_u: float,
                                        frac_i: float, ttl: bool) -> None:
     """delta(rows) is field by field, bitwise, delta_from_state(state(), rows)."""
-    from stream_rec.snapshot import delta_from_state
+    from stream_rec.model import delta_from_state
 
     cfg = ModelConfig(dim=8, history=5, seed=seed % 5, pop_weight=0.3,
                       **({"ttl_ms": 40_000, "admit_after": 2} if ttl else {}))
@@ -272,7 +254,7 @@ def test_training_independent_of_call_sizes(extra: dict, seed: int) -> None:
     m = StreamingModel(cfg, device="cpu")
     rng = np.random.default_rng(seed)
     prev, pos = m.state(), 0
-    from stream_rec.snapshot import apply_delta
+    from stream_rec.model import apply_delta
 
     for cut in _splits(rng, len(users), 3000):
         cb = (lambda j: None) if rng.random() < 0.3 else None

@@ -32,7 +32,7 @@ from stream_rec.ingest.dlq import DeadLetterWriter
 from stream_rec.ingest.kafka import ensure_topics, make_consumer, make_producer, topic_end_offsets
 from stream_rec.settings import KafkaSettings
 from stream_rec.snapshot import SnapshotStore
-from tests.conftest import env_for, spawn, wait_until
+from tests.support import env_for, spawn, wait_until
 
 pytestmark = [pytest.mark.kafka]
 

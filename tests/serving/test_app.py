@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from stream_rec.index import ItemIndex
 from stream_rec.serving.app import create_app
 from stream_rec.snapshot import SnapshotStore
-from tests.test_snapshot_store import trained_state
+from tests.support import trained_state
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def test_requests_in_flight_keep_their_version(served) -> None:
     store.publish(trained_state(seed=3), offsets={}, watermark=2)
     watcher.poll_once()
     assert watcher.current is not held and held.version == 1
-    assert held.recommend(held.state.user_ids[0], 5).items  # the old state still answers
+    assert held.recommend(held.state.user_ids[0], 5)["items"]  # the old state still answers
 
 
 def test_index_updates_in_place_and_tombstones() -> None:
@@ -123,8 +123,7 @@ def test_refreshed_copy_changes_only_the_copy(kind: str) -> None:
 
 
 def test_serving_applies_deltas_over_the_version_it_holds(served) -> None:
-    from stream_rec.model import ModelConfig, StreamingModel
-    from stream_rec.snapshot import delta_from_state
+    from stream_rec.model import ModelConfig, StreamingModel, delta_from_state
 
     store, watcher, client = served
     model = StreamingModel(ModelConfig(dim=8), device="cpu")

@@ -1,11 +1,12 @@
-"""The worker's rebalance steps, one by one, against a scripted consumer.
+"""The worker's steps, one by one, against a scripted consumer.
 
-The broker-level test (``test_slow_batch``) drives a real eviction, but the
-local broker cannot hand the partitions to a second member meanwhile, so these
-steps are also checked directly: records in hand when a rebalance seeks back
-are not applied twice; revoked partitions rewind the model to the newest
-published version and the assignment seeks there; an overrunning batch is not
-published; only owned partitions are committed.
+The broker-level tests (``tests/faults``) drive real processes, but some
+interleavings cannot be produced on demand there -- the local broker cannot
+hand the partitions to a second member meanwhile -- so the steps are also
+checked directly: records in hand when a rebalance seeks back are not applied
+twice; revoked partitions rewind the model to the newest published version and
+the assignment seeks there; an overrunning batch is not published; only owned
+partitions are committed.
 """
 
 from __future__ import annotations
@@ -15,17 +16,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import pytest
 from kafka import TopicPartition
 
 from stream_rec.events import encode_event
 from stream_rec.model import StreamingModel
 from stream_rec.settings import Settings
 from stream_rec.snapshot import SnapshotStore
-from stream_rec.snapshot.publisher import Publisher
-from stream_rec.worker import Worker, _SeekToSnapshot
-
-pytestmark = [pytest.mark.faults]
+from stream_rec.worker import Worker
+from stream_rec.worker.source import SeekToCheckpoint
 
 TOPIC = "clicks"
 
@@ -84,8 +82,8 @@ def _worker(tmp_path: Path, consumer: ScriptedConsumer) -> Worker:
     settings.model.negatives = 16
     worker = Worker(settings, store=SnapshotStore(tmp_path / "store"))
     worker.model = StreamingModel(settings.model, device="cpu")
-    worker.publisher = Publisher(worker.store, None)
-    worker.consumer = consumer
+    worker.checkpoint.start_publisher()
+    worker.source.consumer = consumer
     return worker
 
 
@@ -93,7 +91,7 @@ def test_records_in_hand_are_not_applied_twice_after_a_rebalance(tmp_path: Path)
     first = [_rec(0, o) for o in range(5)]
     consumer = ScriptedConsumer([], owned={0})
     worker = _worker(tmp_path, consumer)
-    listener = _SeekToSnapshot(worker)
+    listener = SeekToCheckpoint(worker.source)
     tp = {TopicPartition(TOPIC, 0)}
 
     def rebalance() -> None:  # kafka-python runs the listener inside poll()
@@ -105,36 +103,36 @@ def test_records_in_hand_are_not_applied_twice_after_a_rebalance(tmp_path: Path)
     records = worker.poll_batch(100, 1000)
     assert sorted(r.offset for r in records) == [0, 1, 2, 3, 4]
     assert consumer.seeks == {0: 0}
-    worker.publisher.close()
+    worker.checkpoint.publisher.close()
 
 
 def test_revocation_rewinds_to_the_published_version_and_seeks_there(tmp_path: Path) -> None:
     consumer = ScriptedConsumer([], owned={0})
     worker = _worker(tmp_path, consumer)
     worker.apply([_rec(0, o) for o in range(5)], NoDeadLetters())
-    worker.checkpoint(NoDeadLetters())
-    assert worker.publisher.wait_idle(30)
+    worker.checkpoint.publish(worker.model, NoDeadLetters())
+    assert worker.checkpoint.publisher.wait_idle(30)
     worker.commit_published()
     assert consumer.commits == [{0: 5}]
     worker.apply([_rec(0, o) for o in range(5, 12)], NoDeadLetters())
     assert worker.offsets == {0: 12} and worker.events == 12
-    listener = _SeekToSnapshot(worker)
+    listener = SeekToCheckpoint(worker.source)
     listener.on_partitions_revoked({TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)})
-    assert worker.offsets == {0: 5} and worker.events == 5 and not worker.dirty
+    assert worker.offsets == {0: 5} and worker.events == 5 and not worker.checkpoint.dirty
     assert int(worker.model.state().tables["user.events"].sum()) == 5
     listener.on_partitions_assigned({TopicPartition(TOPIC, 0)})
     assert consumer.seeks == {0: 5}
-    worker.publisher.close()
+    worker.checkpoint.publisher.close()
 
 
 def test_an_overrunning_batch_is_not_published_and_lost_partitions_not_committed(
         tmp_path: Path) -> None:
     consumer = ScriptedConsumer([], owned={0})
     worker = _worker(tmp_path, consumer)
-    worker._last_poll = time.monotonic()
-    assert worker.still_member()
-    worker._last_poll = time.monotonic() - worker.kafka.max_poll_interval_ms / 1000.0 - 1
-    assert not worker.still_member()
+    worker.source.last_poll = time.monotonic()
+    assert worker.source.may_publish()
+    worker.source.last_poll = time.monotonic() - worker.kafka.max_poll_interval_ms / 1000.0 - 1
+    assert not worker.source.may_publish()
     worker.commit({0: 5, 1: 7})
     assert consumer.commits == [{0: 5}]
-    worker.publisher.close()
+    worker.checkpoint.publisher.close()
