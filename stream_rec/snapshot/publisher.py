@@ -6,6 +6,11 @@ version is being written, the worker keeps learning and keeps accumulating
 changed rows, so consecutive deltas are merged into the next one rather than
 dropped. Completed versions are handed back to the polling thread, which alone
 touches the consumer and commits their offsets.
+
+Versions are numbered ``parent + 1``; the first one after a restore is one
+past the newest version in the store. A transient store error (an I/O error,
+a timeout) is retried with backoff; losing a version to another writer
+(:class:`~stream_rec.snapshot.store.Fenced`) is not: the writer stops.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from dataclasses import dataclass
 
 from stream_rec.faults import failpoint
 from stream_rec.model import ModelState, StateDelta
-from stream_rec.snapshot.store import Manifest, SnapshotStore
+from stream_rec.snapshot.store import Fenced, Manifest, SnapshotStore
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +57,19 @@ class FullPolicy:
 
 
 class Publisher:
-    """One background writer with a one-slot queue."""
+    """One background writer with a one-slot queue.
 
-    def __init__(self, store: SnapshotStore, parent: Manifest | None) -> None:
+    ``retries`` transient failures of one version are retried, waiting
+    ``backoff_s`` doubling each time, before the writer gives up.
+    """
+
+    def __init__(self, store: SnapshotStore, parent: Manifest | None, retries: int = 5,
+                 backoff_s: float = 0.2) -> None:
         self.store = store
         self.parent = parent  # the newest version written (a delta's parent)
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self._next: int | None = None  # the next version number (decided at the first write)
         self.full_at = parent.created_at if parent is not None and parent.kind == "full" \
             else (time.time() if parent is not None else 0.0)
         self._jobs: queue.Queue[PublishJob | None] = queue.Queue(maxsize=1)
@@ -92,6 +105,9 @@ class Publisher:
         return self._idle.wait(timeout_s)
 
     def raise_if_failed(self) -> None:
+        """Re-raise, on the caller's thread, what stopped the publisher (Fenced as itself)."""
+        if isinstance(self.error, Fenced):
+            raise self.error
         if self.error is not None:
             raise RuntimeError(f"publishing failed: {self.error}") from self.error
 
@@ -116,17 +132,37 @@ class Publisher:
             self._idle.set()
 
     def _write(self, job: PublishJob) -> None:
-        if job.delta is not None:
-            assert self.parent is not None
-            manifest = self.store.publish_delta(
-                job.delta, parent=self.parent, offsets=job.offsets, watermark=job.watermark,
-                events=job.events)
-        else:
-            assert job.state is not None
-            manifest = self.store.publish(
-                job.state, offsets=job.offsets, watermark=job.watermark,
-                parent=self.parent.version if self.parent else None)
+        if self._next is None:
+            self._next = max(self.store.next_version(),
+                             self.parent.version + 1 if self.parent else 1)
+        delay = self.backoff_s
+        for attempt in range(self.retries + 1):
+            try:
+                manifest = self._write_once(job, self._next)
+                break
+            except Fenced:
+                raise
+            except OSError as exc:
+                if attempt == self.retries:
+                    raise
+                log.warning("writing version %d failed (%s): retrying in %.1f s", self._next,
+                            exc, delay)
+                time.sleep(delay)
+                delay *= 2
+        self._next = manifest.version + 1
+        if manifest.kind == "full":
             self.full_at = manifest.created_at
         self.parent = manifest
         failpoint("after_publish")  # durable and LATEST moved; offsets not yet committed
         self._done.put(manifest)
+
+    def _write_once(self, job: PublishJob, version: int) -> Manifest:
+        if job.delta is not None:
+            assert self.parent is not None
+            return self.store.publish_delta(
+                job.delta, parent=self.parent, offsets=job.offsets, watermark=job.watermark,
+                events=job.events, version=version)
+        assert job.state is not None
+        return self.store.publish(
+            job.state, offsets=job.offsets, watermark=job.watermark,
+            parent=self.parent.version if self.parent else None, version=version)

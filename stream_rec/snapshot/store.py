@@ -2,17 +2,26 @@
 
 Layout of a store (a local directory or an fsspec URL)::
 
-    <root>/versions/v000000000042/manifest.json   # version, kind, parent, offsets, watermark,
-                                                   #   counts, config, sha256 per file, and
-                                                   #   where each table lies in data.bin
-    <root>/versions/v000000000042/data.bin        # the tables (.npy) and ids (.json), packed
-    <root>/LATEST                                  # "42": moved last
-    <root>/PIN                                     # optional: serve this version instead
+    <root>/versions/v000000000042/manifest.json     # version, kind, parent, offsets, watermark,
+                                                     #   counts, config, sha256 of the data file,
+                                                     #   and where each table lies in it
+    <root>/versions/v000000000042/data-<token>.bin  # the tables (.npy) and ids (.json), packed
+    <root>/LATEST                                    # "42": moved last, only forward
+    <root>/PIN                                       # optional: serve this version instead
+    <root>/lease/epoch-NNNNNNNNNNNN.json             # the writer's lease (see lease.py)
 
-Publishing writes a version under a temporary name, fsyncs files and directory,
-renames it into place and only then moves ``LATEST``; a reader therefore sees a
-whole version or none. Readers verify every checksum before using a version
-and refuse anything torn, corrupt or naming a path outside its directory.
+**One writer per store, provably.** A version's data file is written under a
+name no other writer uses; the version is *committed* by the exclusive
+creation of its ``manifest.json`` (``O_EXCL``-like, see :mod:`.backend`). Two
+writers that both try to commit version V: one wins, the other gets
+:class:`Fenced` and publishes nothing more. A writer numbers its versions
+``parent + 1`` (its first one after a restore: one past the newest version it
+can see), so a second writer that forked from an older version collides
+instead of interleaving. A reader sees a whole version or none: it lists
+only committed manifests, verifies every checksum before using a version,
+and refuses anything torn, corrupt or naming a path outside its directory.
+``LATEST`` is a hint that only moves forward: readers also look past it for
+committed versions.
 """
 
 from __future__ import annotations
@@ -22,72 +31,34 @@ import io
 import logging
 import os
 import re
-import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import numpy as np
 import orjson
-from fsspec.implementations.local import LocalFileSystem
 
 from stream_rec.faults import failpoint
 from stream_rec.model import ModelState, StateDelta, apply_delta, merge_deltas
 from stream_rec.model import tables as T
 
+from .backend import Backend, open_backend
+from .manifest import FORMAT, CorruptSnapshot, Manifest
+
 log = logging.getLogger(__name__)
 
-FORMAT = 1
-DATA_FILE = "data.bin"
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
-_VERSION_DIR = re.compile(r"^v(\d{12})$")
+MANIFEST = "manifest.json"
+_VERSION_DIR = re.compile(r"v(\d{12})$")
+# Leftovers of a crashed write (temporary files, data files no manifest names)
+# are removed by the lease holder once they are this old.
+STALE_AFTER_S = 600.0
+
+__all__ = ["FORMAT", "CorruptSnapshot", "Fenced", "Manifest", "Snapshot", "SnapshotStore"]
 
 
-class CorruptSnapshot(RuntimeError):
-    """A version failed verification: torn, tampered with or malformed."""
-
-
-@dataclass
-class Manifest:
-    version: int
-    parent: int | None
-    kind: str  # "full" or "delta" (changed rows over ``parent``)
-    created_at: float  # epoch seconds
-    offsets: dict[str, dict[int, int]]  # topic -> partition -> next offset to read
-    watermark: int | None  # largest event ts (epoch ms) included
-    counts: dict[str, int]
-    config: dict[str, Any]
-    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> sha256, bytes
-    # Logical parts (tables, ids) packed into ``data.bin``: name -> offset, bytes.
-    entries: dict[str, dict[str, int]] = field(default_factory=dict)
-    base: int | None = None  # the full version at the root of this version's chain
-    chain: int = 0  # deltas between ``base`` and this version (0 for a full one)
-    format: int = FORMAT
-
-    def to_json(self) -> bytes:
-        data = self.__dict__.copy()
-        data["offsets"] = {t: {str(p): o for p, o in parts.items()}
-                           for t, parts in self.offsets.items()}
-        return orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> Manifest:
-        try:
-            data = orjson.loads(raw)
-            data["offsets"] = {t: {int(p): int(o) for p, o in parts.items()}
-                               for t, parts in data["offsets"].items()}
-            manifest = cls(**data)
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise CorruptSnapshot(f"malformed manifest: {exc}") from None
-        if manifest.kind not in ("full", "delta") or (
-                manifest.kind == "delta" and (manifest.parent is None or manifest.base is None)):
-            raise CorruptSnapshot(f"manifest of kind {manifest.kind!r} lacks its parent")
-        for name in [*manifest.files, *manifest.entries]:
-            if not _SAFE_NAME.match(name) or name in (".", ".."):
-                raise CorruptSnapshot(f"manifest names an unsafe path {name!r}")
-        return manifest
+class Fenced(RuntimeError):
+    """Another writer committed the version this one tried to: this writer must stop."""
 
 
 @dataclass
@@ -112,49 +83,62 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
 class SnapshotStore:
     """A store of numbered versions at ``root`` (path or fsspec URL)."""
 
-    def __init__(self, root: str | os.PathLike[str], keep_versions: int = 20) -> None:
+    def __init__(self, root: str | os.PathLike[str], keep_versions: int = 20,
+                 writer: str = "") -> None:
         self.url = str(root)
         self.keep_versions = keep_versions
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        # Local directories get fsync'd temp-dir + rename; other filesystems use
-        # their own (object stores: each put is atomic, LATEST moves last).
-        self.local = isinstance(self.fs, LocalFileSystem)
-        self.fs.makedirs(self._join("versions"), exist_ok=True)
+        self.backend: Backend = open_backend(self.url)
+        self.fs, self.root = self.backend.fs, self.backend.root
+        self.writer = writer  # recorded in the manifests this store object commits
+        self.backend.makedirs(self._join("versions"))
         self._parents: dict[int, int | None] = {}  # version -> parent (None: full), for prune
 
     # -- paths -----------------------------------------------------------
     def _join(self, *parts: str) -> str:
-        return "/".join([self.root.rstrip("/"), *parts])
+        return self.backend.join(*parts)
 
     def version_dir(self, version: int) -> str:
         return self._join("versions", f"v{version:012d}")
 
+    def _manifest_path(self, version: int) -> str:
+        return self.version_dir(version) + "/" + MANIFEST
+
     # -- reading ---------------------------------------------------------
     def versions(self) -> list[int]:
-        """Published versions, oldest first (temporary directories are ignored)."""
+        """Committed versions (those with a manifest), oldest first."""
         out = []
-        for entry in self.fs.ls(self._join("versions"), detail=False):
-            m = _VERSION_DIR.match(entry.rstrip("/").rsplit("/", 1)[-1])
+        for path in self.backend.glob(self._join("versions", "v*", MANIFEST)):
+            m = _VERSION_DIR.search(path.rsplit("/", 2)[-2])
             if m:
                 out.append(int(m.group(1)))
         return sorted(out)
 
     def latest_version(self) -> int | None:
-        """The version ``LATEST`` points at, or ``None`` for an empty store."""
+        """The newest committed version: ``LATEST``, or past it if a newer one is committed.
+
+        ``LATEST`` is moved after a commit, so it may lag (a writer died in
+        between) or, with two writers racing, be set back by the slower one;
+        committed versions are numbered consecutively, so a reader probes forward.
+        """
         try:
-            raw = self.fs.cat_file(self._join("LATEST"))
+            raw = self.backend.cat(self._join("LATEST"))
         except FileNotFoundError:
-            return None
+            versions = self.versions()
+            return versions[-1] if versions else None
         try:
-            return int(raw.strip())
+            version = int(raw.strip())
         except ValueError:
             log.warning("LATEST pointer is unreadable: %r", raw[:40])
-            return None
+            versions = self.versions()
+            return versions[-1] if versions else None
+        while self.backend.exists(self._manifest_path(version + 1)):
+            version += 1
+        return version
 
     def pinned(self) -> int | None:
         """The version serving is pinned to, if an operator pinned one."""
         try:
-            return int(self.fs.cat_file(self._join("PIN")).strip())
+            return int(self.backend.cat(self._join("PIN")).strip())
         except (FileNotFoundError, ValueError):
             return None
 
@@ -166,13 +150,10 @@ class SnapshotStore:
     def pin(self, version: int) -> None:
         """Pin readers to ``version`` (verified first); retention keeps it while pinned."""
         self.load(version)  # raises CorruptSnapshot / FileNotFoundError if unusable
-        self._write_pointer("PIN", version)
+        self.backend.replace(self._join("PIN"), str(version).encode())
 
     def unpin(self) -> None:
-        try:
-            self.fs.rm(self._join("PIN"))
-        except FileNotFoundError:
-            pass
+        self.backend.rm(self._join("PIN"))
 
     def _check_inside(self, version: int, path: str) -> None:
         """Refuse a version directory, or a file in it, that resolves out of the store.
@@ -180,19 +161,17 @@ class SnapshotStore:
         A symlinked version directory (or manifest) would make the store serve,
         and the worker restore, whatever lies at the other end.
         """
-        if not self.local:
-            return
-        versions = os.path.realpath(self._join("versions"))
-        vdir = os.path.realpath(self.version_dir(version))
-        if os.path.dirname(vdir) != versions or os.path.dirname(os.path.realpath(path)) != vdir:
+        vdir = self.version_dir(version)
+        if not (self.backend.resolves_inside(vdir, self._join("versions"))
+                and self.backend.resolves_inside(path, vdir)):
             raise CorruptSnapshot(f"{os.path.basename(path)} in v{version} resolves outside "
                                   "the store")
 
     def read_manifest(self, version: int) -> Manifest:
-        path = self.version_dir(version) + "/manifest.json"
+        path = self._manifest_path(version)
         self._check_inside(version, path)
         try:
-            manifest = Manifest.from_json(self.fs.cat_file(path))
+            manifest = Manifest.from_json(self.backend.cat(path))
         except FileNotFoundError:
             raise CorruptSnapshot(f"version {version} has no manifest") from None
         if manifest.version != version:
@@ -203,7 +182,7 @@ class SnapshotStore:
         path = self.version_dir(version) + "/" + name
         self._check_inside(version, path)
         try:
-            raw = self.fs.cat_file(path)
+            raw = self.backend.cat(path)
         except FileNotFoundError:
             raise CorruptSnapshot(f"v{version} is missing {name}") from None
         if len(raw) != meta.get("bytes") or hashlib.sha256(raw).hexdigest() != meta.get("sha256"):
@@ -214,13 +193,13 @@ class SnapshotStore:
         """Every part of a version, verified: (json documents, npy tables)."""
         blobs = {name: self._read_verified(manifest.version, name, meta)
                  for name, meta in manifest.files.items()}
-        data = blobs.get(DATA_FILE, b"")
+        data = blobs[manifest.data_file]
         docs: dict[str, Any] = {}
         tables: dict[str, np.ndarray] = {}
         for name, where in manifest.entries.items():
             start, size = int(where.get("offset", -1)), int(where.get("bytes", -1))
             if start < 0 or size < 0 or start + size > len(data):
-                raise CorruptSnapshot(f"{name} lies outside data.bin of v{manifest.version}")
+                raise CorruptSnapshot(f"{name} lies outside the data file of v{manifest.version}")
             raw = memoryview(data)[start:start + size]
             try:
                 if name.endswith(".json"):
@@ -329,13 +308,18 @@ class SnapshotStore:
 
     # -- writing ---------------------------------------------------------
     def next_version(self) -> int:
+        """One past the newest committed version: where a writer starts after a restore."""
         existing = self.versions()
         return (existing[-1] if existing else 0) + 1
 
     def publish(self, state: ModelState, *, offsets: dict[str, dict[int, int]],
                 watermark: int | None, parent: int | None = None,
                 version: int | None = None) -> Manifest:
-        """Write ``state`` as a new full version and move ``LATEST`` to it."""
+        """Write ``state`` as a new full version and move ``LATEST`` to it.
+
+        ``version`` defaults to :meth:`next_version`; raises :class:`Fenced`
+        when another writer committed that version first.
+        """
         version = version if version is not None else self.next_version()
         files: dict[str, bytes] = {
             "user_ids.json": orjson.dumps(list(state.user_ids)),
@@ -355,8 +339,11 @@ class SnapshotStore:
     def publish_delta(self, delta: StateDelta, *, parent: Manifest,
                       offsets: dict[str, dict[int, int]], watermark: int | None,
                       events: int | None = None, version: int | None = None) -> Manifest:
-        """Write the rows in ``delta`` as a version over ``parent`` and move ``LATEST``."""
-        version = version if version is not None else self.next_version()
+        """Write the rows in ``delta`` as version ``parent + 1`` and move ``LATEST``.
+
+        Raises :class:`Fenced` when another writer committed that version first.
+        """
+        version = version if version is not None else parent.version + 1
         files: dict[str, bytes] = {
             "user_ids.json": orjson.dumps(delta.user_ids),
             "item_ids.json": orjson.dumps(delta.item_ids),
@@ -379,11 +366,13 @@ class SnapshotStore:
         return self._commit_version(manifest, files)
 
     def _commit_version(self, manifest: Manifest, parts: dict[str, bytes]) -> Manifest:
-        """Pack, checksum, write atomically, move ``LATEST``, apply retention.
+        """Write the data file, commit the manifest exclusively, move ``LATEST``, prune.
 
-        All parts go into one ``data.bin`` so that a version costs two file
-        fsyncs whatever the number of tables (per-file fsyncs dominated the cost
-        of small deltas).
+        All parts go into one data file so that a version costs two file
+        fsyncs whatever the number of tables. The data file's name is unique to
+        this attempt, so a losing writer never touches the winner's bytes. A
+        retry after an error that hid a successful commit finds its own
+        manifest (same data checksum) and counts as a success.
         """
         offset = 0
         digest = hashlib.sha256()
@@ -392,57 +381,49 @@ class SnapshotStore:
             manifest.entries[name] = {"offset": offset, "bytes": len(data)}
             digest.update(data)
             offset += len(data)
-        manifest.files = {DATA_FILE: {"sha256": digest.hexdigest(), "bytes": offset}}
-        final = self.version_dir(manifest.version)
-        tmp = self._join("versions", f".tmp-{manifest.version}-{uuid.uuid4().hex[:8]}")
-        chunks = {DATA_FILE: list(parts.values()), "manifest.json": [manifest.to_json()]}
-        if self.local:
-            self._write_local(tmp, final, chunks)
-        else:
-            self.fs.makedirs(tmp, exist_ok=True)
-            for name, pieces in chunks.items():
-                self.fs.pipe_file(f"{tmp}/{name}", b"".join(pieces))
-            self.fs.mv(tmp, final, recursive=True)
-        failpoint("after_rename")  # the version is in place, LATEST not yet moved
-        self._set_latest(manifest.version)
+        data_name = f"data-{uuid.uuid4().hex[:16]}.bin"
+        sha = digest.hexdigest()
+        manifest.files = {data_name: {"sha256": sha, "bytes": offset}}
+        manifest.writer = self.writer
+        vdir = self.version_dir(manifest.version)
+        self.backend.makedirs(vdir)
+        self.backend.write_new(vdir + "/" + data_name, parts.values(),
+                               each=lambda: failpoint("during_write"))
+        if not self.backend.create(vdir + "/" + MANIFEST, manifest.to_json()):
+            theirs = self._committed_digest(manifest.version)
+            self.backend.rm(vdir + "/" + data_name)
+            if theirs != sha:
+                raise Fenced(f"version {manifest.version} was committed by another writer: "
+                             "this one stops publishing")
+            manifest = self.read_manifest(manifest.version)  # our own earlier attempt
+        failpoint("after_rename")  # committed, LATEST not yet moved
+        self._advance_latest(manifest.version)
         self._parents[manifest.version] = manifest.parent if manifest.kind == "delta" else None
         self.prune()
         return manifest
 
-    def _write_local(self, tmp: str, final: str, files: dict[str, list[bytes]]) -> None:
-        os.makedirs(tmp)
-        for name, pieces in files.items():
-            with open(os.path.join(tmp, name), "wb") as fh:
-                for piece in pieces:
-                    fh.write(piece)
-                    failpoint("during_write")  # a version half serialised to disk
-                fh.flush()
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        os.rename(tmp, final)
-        _fsync_dir(os.path.dirname(final))
+    def _committed_digest(self, version: int) -> str | None:
+        try:
+            files = self.read_manifest(version).files
+        except CorruptSnapshot:
+            return None
+        return next(iter(files.values()), {}).get("sha256") if len(files) == 1 else None
 
-    def _set_latest(self, version: int) -> None:
-        self._write_pointer("LATEST", version)
+    def _advance_latest(self, version: int) -> None:
+        """Move ``LATEST`` to ``version`` unless it already names a newer one."""
+        try:
+            current = int(self.backend.cat(self._join("LATEST")).strip())
+        except (FileNotFoundError, ValueError):
+            current = -1
+        if version > current:
+            self.backend.replace(self._join("LATEST"), str(version).encode())
 
-    def _write_pointer(self, name: str, version: int) -> None:
-        """Atomically replace the small pointer file ``name`` with ``version``."""
-        data = str(version).encode()
-        if self.local:
-            tmp = self._join(f".{name}.{uuid.uuid4().hex[:8]}")
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self._join(name))
-            _fsync_dir(self.root)
-        else:
-            self.fs.pipe_file(self._join(name), data)
-
+    # -- retention ---------------------------------------------------------
     def prune(self, keep: int | None = None) -> list[int]:
         """Apply retention: keep the newest ``keep`` versions and every version their
         chains need (back to each one's full base), the latest and the pinned one
-        with their chains; delete the rest, oldest first."""
+        with their chains; delete the rest, oldest first, and the leftovers of
+        crashed writes below them."""
         keep = keep if keep is not None else self.keep_versions
         versions = self.versions()
         wanted = set(versions[-keep:]) if keep > 0 else set(versions)
@@ -458,11 +439,37 @@ class SnapshotStore:
         doomed = [v for v in versions if v not in needed]
         for v in doomed:
             self._parents.pop(v, None)
-            if self.local:
-                shutil.rmtree(self.version_dir(v), ignore_errors=True)
-            else:
-                self.fs.rm(self.version_dir(v), recursive=True)
+            self.backend.rm_tree(self.version_dir(v))
+        self._sweep_leftovers(min(needed) if needed else None)
         return doomed
+
+    def _sweep_leftovers(self, oldest_kept: int | None) -> None:
+        """Remove what crashed writes left: temporary files, and data files no
+        committed manifest names (in version folders older than the oldest kept
+        one, or once ``STALE_AFTER_S`` old -- a write in progress is younger)."""
+        now = time.time()
+        for path in self.backend.ls(self.root):
+            if ".tmp-" in path.rsplit("/", 1)[-1] and self._stale(path, now):
+                self.backend.rm(path)  # a pointer replace that crashed
+        committed = set(self.versions())
+        for path in self.backend.ls(self._join("versions")):
+            m = _VERSION_DIR.search(path)
+            if m is None:
+                if ".tmp" in path.rsplit("/", 1)[-1] and self._stale(path, now):
+                    self.backend.rm_tree(path)  # a temporary folder of an older format
+                continue
+            v = int(m.group(1))
+            if v in committed:
+                for f in self.backend.ls(path):
+                    if ".tmp-" in f.rsplit("/", 1)[-1] and self._stale(f, now):
+                        self.backend.rm(f)
+                continue
+            if (oldest_kept is not None and v < oldest_kept) or self._stale(path, now):
+                self.backend.rm_tree(path)
+
+    def _stale(self, path: str, now: float) -> bool:
+        mtime = self.backend.mtime(path)
+        return mtime is not None and now - mtime > STALE_AFTER_S
 
     def _chain_versions(self, version: int) -> list[int]:
         """The versions of ``version``'s chain, reading only manifests not read before.
@@ -483,11 +490,3 @@ class SnapshotStore:
             if len(out) > 100_000 or parent >= v:
                 raise CorruptSnapshot(f"v{version} has a broken parent chain")
             out.append(parent)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -10,7 +12,8 @@ import numpy as np
 import pytest
 
 from stream_rec.model import apply_delta, delta_from_state
-from stream_rec.snapshot import CorruptSnapshot, SnapshotStore
+from stream_rec.snapshot import CorruptSnapshot, Fenced, SnapshotStore
+from stream_rec.snapshot.lease import Lease
 from tests.support import trained_state
 
 BACKENDS = ["local", "memory"]
@@ -87,7 +90,8 @@ def test_empty_store_loads_nothing(store: SnapshotStore) -> None:
 
 def _corrupt(store: SnapshotStore, how: str) -> None:
     vdir = store.version_dir(2)
-    data, manifest = vdir + "/data.bin", vdir + "/manifest.json"
+    name = store.read_manifest(2).data_file
+    data, manifest = vdir + "/" + name, vdir + "/manifest.json"
     fs = store.fs
     if how == "truncate":
         fs.pipe_file(data, fs.cat_file(data)[:-7])
@@ -100,7 +104,8 @@ def _corrupt(store: SnapshotStore, how: str) -> None:
     elif how == "no-manifest":
         fs.rm(manifest)
     elif how == "escape":
-        text = fs.cat_file(manifest).replace(b'"data.bin"', b'"../v000000000001/data.bin"')
+        text = fs.cat_file(manifest).replace(f'"{name}"'.encode(),
+                                             b'"../v000000000001/data.bin"')
         fs.pipe_file(manifest, text)
     elif how == "entry-out-of-bounds":
         fs.pipe_file(manifest, fs.cat_file(manifest).replace(b'"offset": 0',
@@ -127,3 +132,74 @@ def check_refused_and_previous_kept(store: SnapshotStore,
 def test_corrupt_versions_are_refused_and_the_previous_one_kept(store: SnapshotStore,
                                                                 how: str) -> None:
     check_refused_and_previous_kept(store, lambda s: _corrupt(s, how))
+
+
+def _twin(store: SnapshotStore) -> SnapshotStore:
+    """A second writer's view of the same store."""
+    return SnapshotStore(store.url, keep_versions=store.keep_versions)
+
+
+def test_two_writers_never_commit_one_version(store: SnapshotStore) -> None:
+    base = trained_state(200)
+    parent = store.publish(base, offsets={"t": {0: 1}}, watermark=1)
+    other = _twin(store)
+    ours, theirs = trained_state(300), trained_state(300, seed=4)
+    store.publish_delta(delta_from_state(ours, None, None), parent=parent,
+                        offsets={"t": {0: 2}}, watermark=2)
+    with pytest.raises(Fenced):
+        other.publish_delta(delta_from_state(theirs, None, None), parent=parent,
+                            offsets={"t": {0: 9}}, watermark=9)
+    assert store.versions() == [1, 2]
+    snap = other.load(2)
+    assert snap is not None and snap.manifest.offsets == {"t": {0: 2}}
+    _same(snap.state, ours)
+    # the loser left no bytes behind in the winner's folder
+    assert len(store.backend.ls(store.version_dir(2))) == 2
+
+
+def test_latest_only_moves_forward(store: SnapshotStore) -> None:
+    state = trained_state(200)
+    v1 = store.publish(state, offsets={}, watermark=None)
+    _twin(store).publish(state, offsets={}, watermark=None, parent=v1.version, version=2)
+    store.backend.replace(store._join("LATEST"), b"1")   # a slow writer's late pointer move
+    assert store.latest_version() == 2
+    store._advance_latest(1)
+    assert store.backend.cat(store._join("LATEST")) == b"1"
+    store._advance_latest(2)
+    assert store.backend.cat(store._join("LATEST")) == b"2"
+
+
+def test_the_writer_lease_is_exclusive_and_expires(store: SnapshotStore) -> None:
+    a = Lease(store.backend, "a", ttl_s=0.3)
+    b = Lease(store.backend, "b", ttl_s=0.3)
+    assert a.try_acquire() and a.held()
+    assert not b.try_acquire()
+    assert a.renew()
+    time.sleep(0.4)                       # a stops renewing: its lease expires
+    assert not a.held()
+    assert b.try_acquire() and b.held()
+    assert not a.renew()                  # a newer epoch exists: a has lost it for good
+    current = b.current()
+    assert current is not None and current.holder == "b"
+    b.release()
+    assert a.try_acquire()                # released: no wait for expiry
+
+
+def test_standbys_racing_for_an_expired_lease_get_one_winner(store: SnapshotStore) -> None:
+    Lease(store.backend, "gone", ttl_s=0.01).try_acquire()
+    time.sleep(0.05)
+    racers = [Lease(store.backend, f"s{i}", ttl_s=5) for i in range(4)]
+    won = []
+    barrier = threading.Barrier(len(racers))
+
+    def race(lease: Lease) -> None:
+        barrier.wait()
+        if lease.try_acquire():
+            won.append(lease.holder)
+
+    threads = [threading.Thread(target=race, args=(x,)) for x in racers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1

@@ -32,10 +32,11 @@ def _make_hostile(store: SnapshotStore, how: str, outside: Path) -> None:
     root = Path(store.root)
     v2 = root / "versions" / "v000000000002"
     manifest = v2 / "manifest.json"
+    data = f'"{store.read_manifest(2).data_file}"'
     if how == "manifest-dotdot":
-        manifest.write_text(manifest.read_text().replace('"data.bin"', '"../../../data.bin"'))
+        manifest.write_text(manifest.read_text().replace(data, '"../../../data.bin"'))
     elif how == "manifest-absolute":
-        manifest.write_text(manifest.read_text().replace('"data.bin"', '"/etc/passwd"'))
+        manifest.write_text(manifest.read_text().replace(data, '"/etc/passwd"'))
     elif how == "entry-dotdot":
         manifest.write_text(manifest.read_text().replace('"user_ids.json"', '"../user_ids.json"'))
     elif how == "symlinked-version-dir":
@@ -57,7 +58,7 @@ def _make_hostile(store: SnapshotStore, how: str, outside: Path) -> None:
         manifest.unlink()
     elif how == "latest-garbage":
         (root / "LATEST").write_text("../../etc/passwd")
-        (root / "versions" / "v000000000002" / "data.bin").write_bytes(b"\0" * 16)
+        (v2 / data.strip('"')).write_bytes(b"\0" * 16)
         return
     else:  # pragma: no cover
         raise AssertionError(how)

@@ -22,10 +22,11 @@ def store(tmp_path: Path) -> SnapshotStore:
 
 def _corrupt(store: SnapshotStore, how: str) -> None:
     vdir = Path(store.version_dir(2))
-    victim = vdir / "data.bin"
+    name = store.read_manifest(2).data_file
+    victim = vdir / name
     if how == "absolute":
         manifest = (vdir / "manifest.json").read_text()
-        (vdir / "manifest.json").write_text(manifest.replace('"data.bin"', '"/etc/passwd"'))
+        (vdir / "manifest.json").write_text(manifest.replace(f'"{name}"', '"/etc/passwd"'))
     elif how == "symlink":
         outside = Path(store.root).parent / "outside.npy"
         outside.write_bytes(victim.read_bytes())
