@@ -16,7 +16,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
-from stream_rec.ops.common import UsageError, add_plain_command, settings_for
+from stream_rec.ops.common import Parser, UsageError, add_plain_command, settings_for
 
 log = logging.getLogger("stream_rec")
 
@@ -80,6 +80,9 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from stream_rec import shutdown
+
+    stop = shutdown.install()  # before the slow imports: a signal now is a request to stop
     from stream_rec.worker import run_worker
 
     settings = settings_for(args)
@@ -87,7 +90,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         settings.kafka.group_id = args.group
     if args.device:
         settings.worker.device = args.device
-    return run_worker(settings)
+    return run_worker(settings, stop)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -108,7 +111,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="stream-rec", description="Streaming recommendations from Kafka click events.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -61,3 +61,15 @@ def trained_state(n: int = 600, seed: int = 0) -> ModelState:
                     np.array([e["ts"] for e in batch], dtype=np.int64))
     return model.state()
 
+
+
+def catches(proc: subprocess.Popen[bytes], sig: int) -> bool:
+    """Has ``proc`` installed a handler for ``sig`` (its SigCgt mask, Linux)?"""
+    try:
+        with open(f"/proc/{proc.pid}/status") as fh:
+            for line in fh:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except FileNotFoundError:
+        pass
+    return False

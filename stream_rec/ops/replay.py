@@ -167,6 +167,7 @@ class _Progress:
 
 def replay_into_store(args: argparse.Namespace, settings: Any) -> int:
     from stream_rec.ingest.kafka import make_consumer
+    from stream_rec.snapshot import Fenced
     from stream_rec.worker import Bounds, Worker
 
     target = args.store
@@ -239,6 +240,8 @@ def replay_into_store(args: argparse.Namespace, settings: Any) -> int:
     t0 = time.monotonic()
     try:
         worker.run()
+    except Fenced as exc:
+        raise usage_error(f"cannot replay into {target}: {exc}") from None
     finally:
         if in_main:
             for sig, handler in previous.items():

@@ -20,6 +20,7 @@ import numpy as np
 
 from stream_rec.faults import failpoint
 from stream_rec.model import Changed, ModelConfig, StreamingModel
+from stream_rec.model import tables as T
 from stream_rec.snapshot import Manifest, SnapshotStore
 from stream_rec.snapshot.publisher import FullPolicy, Publisher, PublishJob
 
@@ -32,6 +33,22 @@ class DeadLetterSink(Protocol):
 
 class Committer(Protocol):
     def commit(self, offsets: dict[int, int]) -> bool: ...
+
+
+class NonFinite(RuntimeError):
+    """The model the worker holds has non-finite rows: it must not be published."""
+
+
+def non_finite_tables(tables: dict[str, np.ndarray]) -> list[str]:
+    """Names of floating-point tables holding NaN or inf (``pop_log`` may be -inf: no event)."""
+    bad = []
+    for name, arr in tables.items():
+        if arr.dtype.kind != "f" or not arr.size:
+            continue
+        ok = np.isfinite(arr) | (arr == -np.inf) if name == T.ITEM_POP_LOG else np.isfinite(arr)
+        if not ok.all():
+            bad.append(name)
+    return bad
 
 
 class Checkpoint:
@@ -71,7 +88,8 @@ class Checkpoint:
         self.publisher = Publisher(self.store, self.restored)
         return self.publisher
 
-    def rewind(self, model: StreamingModel, cfg: ModelConfig, device: str) -> StreamingModel:
+    def rewind(self, model: StreamingModel, cfg: ModelConfig, device: str,
+               force: bool = False) -> StreamingModel:
         """Drop what was learnt since the newest durable version; returns the model to use.
 
         Unpublished events may come from partitions that now belong to another
@@ -85,9 +103,9 @@ class Checkpoint:
         self.publisher.wait_idle()
         published = self.publisher.parent
         target = dict(published.offsets.get(self.topic, {})) if published else {}
-        if target == self.offsets:
+        if target == self.offsets and not force:
             return model  # nothing learnt since the last durable version
-        log.warning("rebalance: discarding events learnt after version %s (offsets %s -> %s)",
+        log.warning("discarding events learnt after version %s (offsets %s -> %s)",
                     published.version if published else None, self.offsets, target)
         snapshot = self.store.load(published.version) if published else None
         if snapshot is None:
@@ -149,6 +167,8 @@ class Checkpoint:
 
         Callers check ``publisher.busy()`` first: while a version is being
         written, changed rows keep accumulating and merge into the next one.
+        Before step 3 the copy is checked: a model with NaN or infinite rows
+        raises :class:`NonFinite` and nothing is published.
         """
         assert self.publisher is not None
         dlq.flush()
@@ -166,6 +186,10 @@ class Checkpoint:
             job.state = model.state()
         else:
             job.delta = model.delta(users, items)
+        bad = non_finite_tables(job.state.tables if job.state is not None
+                                else job.delta.tables if job.delta is not None else {})
+        if bad:
+            raise NonFinite(f"non-finite values in {', '.join(bad)}")
         self.publisher.submit(job)
         self.dirty = False
 

@@ -33,6 +33,9 @@ class Health:
 
     def __init__(self, stall_after_s: float) -> None:
         self.stall_after_s = stall_after_s
+        self.role = "starting"  # "standby" while another worker holds the lease, then "active"
+        self.lease_holder: str | None = None
+        self.lease_expires_at: float | None = None
         self.last_contact = time.monotonic()
         self.last_records: float | None = None
         self.last_commit: float | None = None
@@ -49,6 +52,18 @@ class Health:
                 and answered > self.last_contact:
             self.last_contact = answered
         self._log_transition(now)
+
+    def standby(self, holder: Any) -> None:
+        """Waiting for the writer lease that ``holder`` (a LeaseRecord or None) holds."""
+        self.role = "standby"
+        self.lease_holder = getattr(holder, "holder", None)
+        self.lease_expires_at = getattr(holder, "expires_at", None)
+        self.last_contact = time.monotonic()  # a standby does not talk to the broker
+
+    def active(self) -> None:
+        """Consuming from now on: broker contact counts from here (a long restore is not a stall)."""
+        self.role = "active"
+        self.last_contact = time.monotonic()
 
     def committed(self) -> None:
         self.last_commit = self.last_contact = time.monotonic()
@@ -68,10 +83,18 @@ class Health:
 
     def status(self) -> tuple[bool, dict[str, Any]]:
         """(healthy, details) for the health endpoint."""
+        if self.role == "starting":
+            return True, {"status": "starting", "role": "starting"}
+        if self.role == "standby":
+            expires = self.lease_expires_at
+            return True, {"status": "standby", "role": "standby",
+                          "lease_holder": self.lease_holder,
+                          "lease_expires_in_s": None if expires is None
+                          else round(expires - time.time(), 1)}
         now = time.monotonic()
         age = now - self.last_contact
         body: dict[str, Any] = {
-            "status": "ok", "seconds_since_broker_contact": round(age, 1),
+            "status": "ok", "role": self.role, "seconds_since_broker_contact": round(age, 1),
             "seconds_since_records": None if self.last_records is None
             else round(now - self.last_records, 1),
             "seconds_since_commit": None if self.last_commit is None
@@ -84,11 +107,45 @@ class Health:
         return True, body
 
 
+class LeaseKeeper:
+    """Renews the writer lease every third of its TTL, on its own thread.
+
+    Renewing from a thread keeps a long batch from losing the lease; a loop
+    that is stuck for good is the liveness probe's business (``/healthz``).
+    A store that cannot be written for a whole TTL ends the lease: the loop
+    sees ``lease.held()`` turn false and stops publishing.
+    """
+
+    def __init__(self, lease: Any, health: Health) -> None:
+        self.lease = lease
+        self.health = health
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+
+    def start(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.lease.ttl_s / 3):
+            try:
+                if not self.lease.renew():
+                    return  # lost for good: the loop is fenced at its next check
+            except OSError as exc:
+                log.warning("renewing the writer lease failed (%s): retrying", exc)
+
+
 def serve_health(check: Callable[[], tuple[bool, dict[str, Any]]], registry: CollectorRegistry,
-                 port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
+                 port: int, host: str = "127.0.0.1") -> ThreadingHTTPServer:
     """``/healthz`` (200, or 503 with the reason) and ``/metrics`` on a daemon thread."""
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = 10  # seconds a client may take to send its request (socket timeout)
+
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/healthz":

@@ -1,17 +1,23 @@
 """``stream-rec worker``: consume micro-batches, learn, publish versions, then commit.
 
-One loop, on one thread (kafka-python's consumer is not thread-safe): poll a
-micro-batch from the source, decode it, dead-letter the bad, learn the good,
-and every ``worker.publish_interval_ms`` hand a copy to the publisher thread
-through the :class:`~stream_rec.worker.checkpoint.Checkpoint`, whose docstring
-gives the commit sequence. Following the live group or replaying a bounded
-range is the choice of source (:mod:`.source`), not a branch through the loop.
+One writer per store: a worker first takes the store's writer lease
+(:mod:`stream_rec.snapshot.lease`). While another live worker holds it, it
+waits as a standby -- not in the consumer group, ``/healthz`` saying so --
+and takes over when the holder stops renewing. Holding the lease, it
+restores the newest version, joins the group and runs one loop, on one thread
+(kafka-python's consumer is not thread-safe): poll a micro-batch from the
+source, decode it, dead-letter the bad, learn the good, and every
+``worker.publish_interval_ms`` hand a copy to the publisher thread through the
+:class:`~stream_rec.worker.checkpoint.Checkpoint`, whose docstring gives the
+commit sequence. A worker that loses the lease, or loses the race for a
+version number to another writer, is fenced: it publishes nothing more and
+exits non-zero. Following the live group or replaying a bounded range is the
+choice of source (:mod:`.source`), not a branch through the loop.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -19,18 +25,20 @@ from typing import Any
 
 import numpy as np
 
-from stream_rec.events import Decoded, decode_batch
+from stream_rec import shutdown
+from stream_rec.events import DeadLetter, Decoded, Origin, decode_batch
 from stream_rec.faults import failpoint
 from stream_rec.ingest.dlq import DeadLetterWriter
 from stream_rec.ingest.kafka import ensure_topics, make_producer
 from stream_rec.metrics import WorkerMetrics, dead_letter_reason_label
 from stream_rec.model import StreamingModel
 from stream_rec.settings import Settings
-from stream_rec.snapshot import Manifest, SnapshotStore
+from stream_rec.snapshot import Fenced, Manifest, SnapshotStore
+from stream_rec.snapshot.lease import Lease
 from stream_rec.snapshot.publisher import FullPolicy
 
-from .checkpoint import Checkpoint
-from .health import Health, serve_health
+from .checkpoint import Checkpoint, NonFinite
+from .health import Health, LeaseKeeper, serve_health
 from .source import BoundedSource, Bounds, GroupSource
 
 log = logging.getLogger(__name__)
@@ -49,13 +57,15 @@ class Worker:
     def __init__(self, settings: Settings, store: SnapshotStore | None = None,
                  metrics: WorkerMetrics | None = None,
                  on_publish: Callable[[int], None] | None = None,
-                 bounds: Bounds | None = None) -> None:
+                 bounds: Bounds | None = None, stop: threading.Event | None = None) -> None:
         self.settings = settings
         self.kafka = settings.kafka
         self.store = store or SnapshotStore(settings.store.path, settings.store.keep_versions)
+        self.lease = Lease(self.store.backend, ttl_s=settings.worker.lease_ttl_s)
+        self.store.writer = self.lease.holder
         self.metrics = metrics or WorkerMetrics()
         self.on_publish = on_publish
-        self.stop_requested = threading.Event()
+        self.stop_requested = stop if stop is not None else threading.Event()
         self.checkpoint = Checkpoint(
             self.store, self.kafka.topic,
             FullPolicy(max_chain=settings.worker.full_every_versions,
@@ -67,6 +77,7 @@ class Worker:
             BoundedSource(self.kafka, bounds, lambda: self.checkpoint.offsets))
         self.model: StreamingModel | None = None
         self.health = Health(settings.worker.stall_after_s)
+        self._unpublished: list[Any] = []  # records applied since the last version submitted
 
     # -- what the checkpoint holds, for callers and tests -------------------
     @property
@@ -88,32 +99,66 @@ class Worker:
     def restore(self) -> StreamingModel:
         return self.checkpoint.restore(self.settings.model, self.settings.worker.device)
 
-    def request_stop(self, *_: object) -> None:
-        if self.stop_requested.is_set():
-            log.warning("second stop request: exiting now")
-            raise SystemExit(130)
-        log.info("stop requested: finishing the batch in hand, publishing, committing")
-        self.stop_requested.set()
-
     def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self.request_stop)
-        signal.signal(signal.SIGINT, self.request_stop)
+        """SIGTERM / Ctrl+C finish the batch in hand, publish, commit; a second one exits."""
+        shutdown.install(self.stop_requested)
 
     def run(self) -> int:
-        """Consume until asked to stop; returns the process exit code."""
+        """Consume until asked to stop; returns the process exit code.
+
+        0 after a requested stop (also while waiting as a standby, or before
+        starting); :class:`~stream_rec.snapshot.Fenced` propagates when another
+        writer took the store over.
+        """
+        if not self.await_lease():
+            return 0
+        keeper = LeaseKeeper(self.lease, self.health).start()
+        try:
+            return self._run_holding_lease()
+        finally:
+            keeper.stop()
+            self.lease.release()
+
+    def await_lease(self) -> bool:
+        """Take the writer lease, waiting as a standby while a live worker holds it.
+
+        Returns ``False`` when asked to stop first. A bounded run (replay)
+        does not wait: a store another worker writes is not a replay target.
+        """
+        poll_s = self.settings.worker.standby_poll_s
+        while not self.stop_requested.is_set():
+            if self.lease.try_acquire():
+                self.health.role = "starting"  # restoring; "active" once consuming
+                return True
+            holder = self.lease.current()
+            if isinstance(self.source, BoundedSource):
+                raise Fenced(f"{self.store.url} is being written by {holder and holder.holder}")
+            if self.health.role != "standby":
+                log.warning("standby: %s holds the writer lease of %s; taking over when it "
+                            "stops renewing", holder and holder.holder, self.store.url)
+            self.health.standby(holder)
+            self.stop_requested.wait(poll_s)
+        return False
+
+    def _run_holding_lease(self) -> int:
         wcfg = self.settings.worker
         if wcfg.torch_threads:
             import torch
 
             torch.set_num_threads(wcfg.torch_threads)
         self.model = self.restore()
+        if self.stop_requested.is_set():
+            log.info("stop requested while starting: exiting before consuming")
+            return 0
         ensure_topics(self.kafka, [self.kafka.topic, self.kafka.dlq_topic])
         dlq = DeadLetterWriter(make_producer(self.kafka), self.kafka.dlq_topic)
         self.source.open()
+        self.health.active()
         publisher = self.checkpoint.start_publisher()
         last_publish = time.monotonic()
         try:
             while not self.stop_requested.is_set() and not self.reached_end():
+                self._check_lease()
                 records = self.poll_batch(wcfg.batch_max_events, wcfg.batch_max_ms)
                 if records:
                     self.apply(records, dlq)
@@ -121,13 +166,18 @@ class Worker:
                 due = time.monotonic() - last_publish >= wcfg.publish_interval_ms / 1000.0
                 if self.checkpoint.dirty and due and not publisher.busy() \
                         and self.source.may_publish():
-                    self.checkpoint.publish(self.model, dlq)
+                    self._check_lease()
+                    self.publish(dlq)
                     last_publish = time.monotonic()
             # Shutdown: let the version in flight land, publish the rest, commit.
             publisher.wait_idle()
             if self.checkpoint.dirty and self.source.may_publish():
-                self.checkpoint.publish(self.model, dlq)
+                self._check_lease()
+                self.publish(dlq)
                 publisher.wait_idle()
+                if self.checkpoint.dirty:  # a poisoned batch was dead-lettered: record the skip
+                    self.publish(dlq)
+                    publisher.wait_idle()
             self.commit_published()
         finally:
             publisher.close()
@@ -136,8 +186,49 @@ class Worker:
         log.info("worker stopped at version %s, offsets %s", self.version, self.offsets)
         return 0
 
+    def publish(self, dlq: DeadLetterWriter) -> None:
+        """Hand the next version to the publisher -- unless training made the model non-finite.
+
+        The second line of defence behind event validation: a model with NaN
+        or infinite rows is never published (servers would load it, restarts
+        restore it and replays reproduce it). The worker returns to its newest
+        durable version, dead-letters every record applied since -- the batch
+        that poisoned it is among them -- with the reason, and goes on.
+        """
+        assert self.model is not None
+        try:
+            self.checkpoint.publish(self.model, dlq)
+        except NonFinite as exc:
+            self._quarantine(str(exc), dlq)
+            return
+        self._unpublished.clear()
+
+    def _quarantine(self, why: str, dlq: DeadLetterWriter) -> None:
+        records, self._unpublished = self._unpublished, []
+        log.error("training produced %s: returning to version %s and dead-lettering the %d "
+                  "records applied since", why, self.checkpoint.publisher
+                  and self.checkpoint.publisher.parent and self.checkpoint.publisher.parent.version,
+                  len(records))
+        assert self.model is not None
+        self.model = self.checkpoint.rewind(self.model, self.settings.model,
+                                            self.settings.worker.device, force=True)
+        reason = f"model_poisoned: training on this record's batch produced {why}"
+        for rec in records:
+            dlq.send(DeadLetter(reason, Origin(rec.topic, rec.partition, rec.offset),
+                                rec.key, rec.value))
+            self.metrics.dead_letters.labels("model_poisoned").inc()
+        dlq.flush()
+        self.checkpoint.advance(records)
+
+    def _check_lease(self) -> None:
+        """Fenced once the lease was lost or not renewed for its whole TTL."""
+        if not self.lease.held():
+            raise Fenced(f"the writer lease of {self.store.url} was lost "
+                         f"(not renewed for {self.lease.ttl_s:g} s, or taken over)")
+
     def rewind_to_published(self) -> None:
         """On losing partitions: back to the newest durable version (see Checkpoint.rewind)."""
+        self._unpublished.clear()  # they will be delivered again
         if self.model is not None:
             self.model = self.checkpoint.rewind(self.model, self.settings.model,
                                                 self.settings.worker.device)
@@ -181,6 +272,7 @@ class Worker:
         if not records:
             self.checkpoint.advance([], done)
             return
+        self._unpublished.extend(records)
         oks, errs = decode_batch(records)
         for err in errs:
             dlq.send(err)
@@ -228,9 +320,16 @@ class Worker:
             self.on_publish(manifest.version)
 
 
-def run_worker(settings: Settings) -> int:
-    worker = Worker(settings)
-    worker.install_signal_handlers()
+def run_worker(settings: Settings, stop: threading.Event | None = None) -> int:
+    """``stream-rec worker``: 0 after a requested stop, 3 when fenced by another writer."""
+    worker = Worker(settings, stop=stop)
+    if stop is None:
+        worker.install_signal_handlers()
     if settings.worker.metrics_port:
-        serve_health(worker.health.check, worker.metrics.registry, settings.worker.metrics_port)
-    return worker.run()
+        serve_health(worker.health.check, worker.metrics.registry, settings.worker.metrics_port,
+                     host=settings.worker.metrics_host)
+    try:
+        return worker.run()
+    except Fenced as exc:
+        log.error("fenced: %s", exc)
+        return 3

@@ -20,7 +20,7 @@ from stream_rec.ingest.kafka import ensure_topics
 from stream_rec.settings import KafkaSettings
 from stream_rec.snapshot import SnapshotStore
 from tests.faults.common import SMALL_MODEL, Feeder, assert_exactly_once, caught_up
-from tests.support import env_for, spawn, wait_until
+from tests.support import catches, env_for, spawn, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.kafka]
 
@@ -41,6 +41,9 @@ def _run_to_end(cfg: KafkaSettings, store: Path, ends: dict[int, int], log: Path
     proc = spawn(["worker"], env_for(cfg, store, **SMALL_MODEL), log)
     try:
         wait_until(lambda: caught_up(store, cfg.topic, ends), 90, what="the worker to catch up")
+        # the store may already be caught up: signal once the process can take it
+        wait_until(lambda: catches(proc, signal.SIGTERM), 30, interval_s=0.005,
+                   what="the worker to install its stop handler")
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0

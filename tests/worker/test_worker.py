@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 from kafka import TopicPartition
 
 from stream_rec.events import encode_event
@@ -28,8 +29,8 @@ from stream_rec.worker.source import SeekToCheckpoint
 TOPIC = "clicks"
 
 
-def _rec(partition: int, offset: int) -> SimpleNamespace:
-    ev = {"user_id": f"u{offset % 3}", "item_id": f"i{offset}", "ts": 1_000 + offset}
+def _rec(partition: int, offset: int, **extra: Any) -> SimpleNamespace:
+    ev = {"user_id": f"u{offset % 3}", "item_id": f"i{offset}", "ts": 1_000 + offset, **extra}
     return SimpleNamespace(topic=TOPIC, partition=partition, offset=offset, key=None,
                            value=encode_event(ev))
 
@@ -64,6 +65,17 @@ class ScriptedConsumer:
 
     def commit(self, offsets: dict) -> None:
         self.commits.append({tp.partition: om.offset for tp, om in offsets.items()})
+
+
+class DeadLetters:
+    def __init__(self) -> None:
+        self.letters: list[Any] = []
+
+    def send(self, err: Any) -> None:
+        self.letters.append(err)
+
+    def flush(self) -> None:
+        pass
 
 
 class NoDeadLetters:
@@ -135,4 +147,31 @@ def test_an_overrunning_batch_is_not_published_and_lost_partitions_not_committed
     assert not worker.source.may_publish()
     worker.commit({0: 5, 1: 7})
     assert consumer.commits == [{0: 5}]
+    worker.checkpoint.publisher.close()
+
+
+def test_a_model_made_non_finite_is_never_published(tmp_path: Path) -> None:
+    """The second line of defence: rewind, dead-letter what was applied since, go on."""
+    worker = _worker(tmp_path, ScriptedConsumer([], owned={0}))
+    dlq = DeadLetters()
+    worker.apply([_rec(0, o) for o in range(5)], dlq)
+    worker.publish(dlq)
+    assert worker.checkpoint.publisher.wait_idle(30)
+    worker.commit_published()
+    good = worker.model.state()
+    # the chunk of 1 000 events completes with a weight that is inf in float32
+    poisoned = [_rec(0, 5, weight=1e39)] + [_rec(0, o) for o in range(6, 1005)]
+    worker.apply(poisoned, dlq)
+    with np.errstate(invalid="ignore"):
+        assert not np.isfinite(worker.model.state().tables["user.vec"]).all()
+    worker.publish(dlq)
+    assert len(dlq.letters) == len(poisoned)
+    assert all(x.reason.startswith("model_poisoned") for x in dlq.letters)
+    assert worker.offsets == {0: 1005} and worker.events == 5
+    for name, table in worker.model.state().tables.items():
+        np.testing.assert_array_equal(table, good.tables[name], err_msg=name)
+    worker.publish(dlq)                     # the skip is published, finite
+    assert worker.checkpoint.publisher.wait_idle(30)
+    worker.commit_published()
+    assert worker.store.read_manifest(worker.version).offsets == {TOPIC: {0: 1005}}
     worker.checkpoint.publisher.close()
