@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -21,12 +21,26 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from stream_rec.model import ModelConfig
+from stream_rec.model.config import ModelConfig
 
 DEFAULT_CONFIG_FILE = Path("configs/default.toml")
+ENV_PREFIX = "STREAM_REC_"
+# Variables with the prefix that are not settings: read by the parts they configure.
+OTHER_ENV = {"STREAM_REC_CONFIG", "STREAM_REC_FAILPOINTS", "STREAM_REC_DATA_DIR",
+             "STREAM_REC_TEST_BOOTSTRAP", "STREAM_REC_TEST_DOCKER"}
 
 
-class KafkaSettings(BaseModel):
+class SettingsError(ValueError):
+    """A setting that does not exist or does not validate, named in one line."""
+
+
+class Section(BaseModel):
+    """A settings section: an unknown key is an error, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class KafkaSettings(Section):
     """Where events come from and how the worker's consumer behaves."""
 
     bootstrap: str = "127.0.0.1:9092"
@@ -65,7 +79,7 @@ class KafkaSettings(BaseModel):
         return self.topic + self.dlq_suffix
 
 
-class WorkerSettings(BaseModel):
+class WorkerSettings(Section):
     """Micro-batching and publishing cadence of ``stream-rec worker``."""
 
     batch_max_events: int = Field(1000, ge=1)
@@ -82,19 +96,25 @@ class WorkerSettings(BaseModel):
     # The polling thread needs a core too, so on small machines fewer can be faster.
     torch_threads: int = Field(0, ge=0)
     metrics_port: int = 0  # 0 = no metrics/health endpoint (/metrics, /healthz)
+    # Where that endpoint listens: loopback by default; 0.0.0.0 in a container or pod.
+    metrics_host: str = "127.0.0.1"
+    # One writer per store: the writer lease expires this long after its holder's last
+    # renewal (every third of it); a standby polls it every standby_poll_s and takes over.
+    lease_ttl_s: float = Field(10.0, gt=0)
+    standby_poll_s: float = Field(1.0, gt=0)
     # /healthz answers 503 once the broker has not answered (records, heartbeat
     # or commit) for this long.
     stall_after_s: float = Field(30.0, gt=0)
 
 
-class StoreSettings(BaseModel):
+class StoreSettings(Section):
     """The snapshot store: a local directory or an fsspec URL."""
 
     path: str = "data/snapshots"
     keep_versions: int = Field(20, ge=2)
 
 
-class ServeSettings(BaseModel):
+class ServeSettings(Section):
     host: str = "127.0.0.1"
     port: int = 8000
     poll_interval_ms: int = Field(50, ge=10)
@@ -112,14 +132,14 @@ class Settings(BaseSettings):
     """Everything configurable, nested by stage."""
 
     model_config = SettingsConfigDict(
-        env_prefix="STREAM_REC_", env_nested_delimiter="__", extra="ignore")
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
 
     kafka: KafkaSettings = KafkaSettings()
     worker: WorkerSettings = WorkerSettings()
     model: ModelConfig = ModelConfig()
     store: StoreSettings = StoreSettings()
     serve: ServeSettings = ServeSettings()
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
     @classmethod
     def settings_customise_sources(
@@ -156,16 +176,43 @@ def load_settings(**overrides: Any) -> Settings:
     """Settings from file and environment, with nested ``overrides`` applied on top.
 
     ``overrides`` use dotted keys (``{"kafka.topic": "x"}``); ``None`` values are
-    ignored so that unset command-line flags do not mask the environment.
+    ignored so that unset command-line flags do not mask the environment. An
+    unknown or invalid setting, wherever it comes from, raises
+    :class:`SettingsError` naming it.
     """
-    settings = Settings()
-    data = settings.model_dump()
-    for dotted, value in overrides.items():
-        if value is None:
+    _check_env_names()
+    try:
+        settings = Settings()
+        if not any(v is not None for v in overrides.values()):
+            return settings
+        data = settings.model_dump()
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            node = data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                node = node[key]
+            node[leaf] = value
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise SettingsError("; ".join(_describe(e) for e in exc.errors())) from None
+
+
+def _describe(err: Any) -> str:
+    where = ".".join(str(x) for x in err["loc"])
+    if err["type"] == "extra_forbidden":
+        env = ENV_PREFIX + "__".join(str(x).upper() for x in err["loc"])
+        return f"unknown setting {where!r} (from {env} or the settings file)"
+    return f"setting {where!r}: {err['msg']} (got {err.get('input')!r})"
+
+
+def _check_env_names() -> None:
+    """pydantic-settings ignores prefixed variables that name no top-level section."""
+    for name in os.environ:
+        if not name.startswith(ENV_PREFIX) or name in OTHER_ENV:
             continue
-        node = data
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    return Settings.model_validate(data) if overrides else settings
+        top = name[len(ENV_PREFIX):].split("__", 1)[0].lower()
+        if top not in Settings.model_fields:
+            raise SettingsError(f"unknown setting {name} (sections: "
+                                f"{', '.join(Settings.model_fields)})")

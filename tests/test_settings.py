@@ -50,3 +50,40 @@ def test_unreachable_broker_is_a_one_line_error(capsys: pytest.CaptureFixture[st
                      "--bootstrap", f"127.0.0.1:{port}", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "no Kafka broker answers" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("where, name", [
+    ("env", "STREAM_REC_KAFKA__BOOTSTRP"),   # a typo inside a section
+    ("env", "STREAM_REC_KAFKAA__TOPIC"),     # a section that does not exist
+    ("file", "kafka.topik"),
+])
+def test_an_unknown_setting_is_an_error_naming_it(where: str, name: str, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    if where == "env":
+        monkeypatch.setenv(name, "x")
+        shown = name
+    else:
+        section, key = name.split(".")
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f'[{section}]\n{key} = "x"\n')
+        monkeypatch.setenv("STREAM_REC_CONFIG", str(cfg))
+        shown = f"'{name}'"
+    assert main(["config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown setting" in err and shown in err, err
+
+
+@pytest.mark.parametrize("argv", [["config", "--log-level", "foo"], ["config", "--no-such"],
+                                  ["worker", "--device"]])
+def test_argument_errors_are_one_line(argv: list[str],
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error:" in err, err
+
+
+def test_log_level_is_case_insensitive(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "--log-level", "debug"]) == 0

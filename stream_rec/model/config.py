@@ -7,7 +7,7 @@ on MovieLens-100K; the worker reads it as ``Settings.model`` (env
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ModelConfig(BaseModel):
@@ -15,6 +15,8 @@ class ModelConfig(BaseModel):
 
     Time values are event-time milliseconds; rates are per gradient step.
     """
+
+    model_config = ConfigDict(extra="forbid")
 
     dim: int = Field(64, ge=1, description="embedding width D; FAISS vectors have D + 1 columns")
     history: int = Field(20, ge=1, description="recent items kept per user (fast path)")

@@ -9,8 +9,8 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, NoReturn
 
 from kafka import TopicPartition
 
@@ -34,7 +34,26 @@ def add_common_flags(p: argparse.ArgumentParser, server: bool = False) -> None:
     g.add_argument("--store", help="snapshot store path or fsspec URL")
     if server:
         g.add_argument("--port", type=int, help="port to listen on")
-    g.add_argument("--log-level", help="DEBUG, INFO, WARNING…")
+    g.add_argument("--log-level", type=log_level, metavar="LEVEL",
+                   help="DEBUG, INFO, WARNING, ERROR or CRITICAL")
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level(text: str) -> str:
+    """``--log-level``'s value, upper-cased; anything else is an argument error."""
+    level = text.strip().upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument error is one line on stderr and exit code 2, like every expected failure."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def settings_for(args: argparse.Namespace) -> Any:
@@ -100,7 +119,7 @@ def parse_time(text: str) -> int:
     except ValueError:
         raise usage_error(f"not an ISO-8601 time or epoch milliseconds: {text!r}") from None
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return int(dt.timestamp() * 1000)
 
 
