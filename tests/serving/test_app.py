@@ -74,7 +74,7 @@ def test_a_corrupt_newer_version_is_refused_and_serving_continues(served) -> Non
     store.publish(trained_state(), offsets={}, watermark=1)
     watcher.poll_once()
     store.publish(trained_state(seed=1), offsets={}, watermark=2)
-    victim = Path(store.version_dir(2)) / "data.bin"
+    victim = Path(store.version_dir(2)) / store.read_manifest(2).data_file
     victim.write_bytes(victim.read_bytes()[:-3])
     assert not watcher.poll_once()
     assert client.get("/readyz").json()["version"] == 1
@@ -192,3 +192,27 @@ def test_matrix_product_search_matches_faiss_with_exclusions_and_tombstones() ->
     tiny.tombstone(np.array([1]))
     answers = tiny.search(queries, 10, [np.array([0])] * len(queries))
     assert all(sorted(r for r, _ in a) == [2, 3, 4] for a in answers)  # fewer than k exist
+
+
+def test_a_transient_load_failure_is_retried_not_refused(served, monkeypatch) -> None:
+    store, watcher, client = served
+    store.publish(trained_state(), offsets={}, watermark=1)
+    assert watcher.poll_once()
+    store.publish(trained_state(seed=2), offsets={}, watermark=2)
+    real_load = store.load
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("connection reset by the store")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(store, "load", flaky)
+    assert not watcher.poll_once()            # failed, kept serving v1, not refused
+    assert client.get("/readyz").json()["version"] == 1
+    assert not watcher.poll_once()            # backing off: not retried at once
+    watcher._retry_at = 0.0
+    assert watcher.poll_once()                # retried: v2 now
+    assert client.get("/readyz").json()["version"] == 2
+    assert "stream_rec_snapshot_refused_total 0.0" in client.get("/metrics").text
