@@ -177,12 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
         evaluation = None  # type: ignore[assignment]
     if evaluation is not None:
         evaluation.add_parser(sub)
-    from stream_rec.ops import dlq, replay, snapshots, status
+    from stream_rec.ops import dlq, replay, snapshots, status, topics
 
     replay.add_parser(sub)
     snapshots.add_parser(sub)
     dlq.add_parser(sub)
     status.add_parser(sub)
+    topics.add_parser(sub)
     return parser
 
 
@@ -194,11 +195,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("kafka", "httpx", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from stream_rec.ingest.kafka import BrokerUnavailable
+    from stream_rec.ingest.kafka import BrokerUnavailable, TopicMissing
 
     try:
         return int(args.func(args) or 0)
-    except (UsageError, BrokerUnavailable, FileNotFoundError, ValueError) as exc:
+    except (UsageError, BrokerUnavailable, TopicMissing, FileNotFoundError, ValueError) as exc:
         print(f"stream-rec {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -27,7 +27,7 @@ from kafka.structs import OffsetAndMetadata
 from stream_rec.events import Decoded, decode_batch
 from stream_rec.faults import failpoint
 from stream_rec.ingest.dlq import DeadLetterWriter
-from stream_rec.ingest.kafka import ensure_topics, make_consumer, make_producer
+from stream_rec.ingest.kafka import make_consumer, make_producer, require_topics
 from stream_rec.metrics import WorkerMetrics, dead_letter_reason_label
 from stream_rec.model import StreamingModel
 from stream_rec.settings import Settings
@@ -252,7 +252,7 @@ class Worker:
 
             torch.set_num_threads(wcfg.torch_threads)
         self.model = self.restore()
-        ensure_topics(self.kafka, [self.kafka.topic, self.kafka.dlq_topic])
+        require_topics(self.kafka, [self.kafka.topic, self.kafka.dlq_topic])
         dlq = DeadLetterWriter(make_producer(self.kafka), self.kafka.dlq_topic)
         self.consumer = self._open_consumer()
         self.publisher = Publisher(self.store, self._restored)
