@@ -137,9 +137,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(_settings(args), rate=args.rate, limit=args.limit, watch=args.watch)
 
 
+def _version() -> str:
+    """The installed distribution's version (package metadata), else the source tree's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("stream-rec")
+    except PackageNotFoundError:
+        from stream_rec import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stream-rec", description="Streaming recommendations from Kafka click events.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = _parser(sub, "broker", "run the local Kafka-compatible broker in the foreground",
@@ -190,11 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = getattr(args, "log_level", None) or "INFO"
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("kafka", "httpx", "faiss"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from stream_rec.logs import configure_logging
+
+    configure_logging(getattr(args, "log_level", None))
     from stream_rec.ingest.kafka import BrokerUnavailable, TopicMissing
 
     try:

@@ -161,6 +161,8 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     serve: ServeSettings = ServeSettings()
     log_level: str = "INFO"
+    # "json": one JSON object per log line (for log collectors), else plain text.
+    log_format: Literal["text", "json"] = "text"
 
     @classmethod
     def settings_customise_sources(
