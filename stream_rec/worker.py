@@ -364,7 +364,7 @@ class Worker:
                     break
             got = self.consumer.poll(timeout_ms=timeout, max_records=max_events - len(records))
             self._last_poll = time.monotonic()
-            self.metrics.polled()
+            self.metrics.polled(self.consumer, self.offsets, got)
             self.health.polled(self.consumer, bool(got))
             if self.rebalances != generation:
                 # The rebalance rewound to the published offsets and seeks there:
