@@ -97,15 +97,17 @@ class WorkerMetrics:
         now = time.time()
         self.last_poll.set(now)
         if got:
-            stamps = [r.timestamp for recs in got.values() for r in recs[:1]
-                      if r.timestamp is not None and r.timestamp > 0]
+            # Records without a timestamp (-1: a pre-0.10 message format) carry no age.
+            stamps = [ts for recs in got.values() for r in recs[:1]
+                      if (ts := getattr(r, "timestamp", None)) is not None and ts > 0]
             if stamps:
                 self.fetch_age.observe(max(0.0, now - min(stamps) / 1000.0))
-        if consumer is None or applied is None:
+        highwater = getattr(consumer, "highwater", None)  # only KafkaConsumer has one
+        if highwater is None or applied is None:
             return
         seen: set[int] = set()
         for tp in consumer.assignment():
-            high = consumer.highwater(tp)
+            high = highwater(tp)
             if high is None:
                 continue
             seen.add(tp.partition)
