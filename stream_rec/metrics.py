@@ -8,6 +8,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 MS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# Ages along the freshness path (s): sub-second when keeping up, minutes to hours in a backlog.
+AGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 
 
 class ServingMetrics:
@@ -30,8 +32,16 @@ class ServingMetrics:
                                       buckets=MS_BUCKETS + (5.0, 10.0), registry=r)
         self.refused = Counter("stream_rec_snapshot_refused_total",
                                "Versions refused as torn or corrupt", registry=r)
+        # The serving end of freshness: how long after the worker created a version this
+        # server answered from it (clocks of worker and server hosts must agree, NTP).
+        self.visible_delay = Histogram("stream_rec_snapshot_visible_delay_seconds",
+                                       "Version created (worker) → swapped in here (s)",
+                                       buckets=AGE_BUCKETS, registry=r)
 
     def observe_swap(self, state: Any, seconds: float) -> None:
+        created = state.manifest.created_at
+        if created:
+            self.visible_delay.observe(max(0.0, time.time() - created))
         self.swaps.inc()
         self.swap_seconds.observe(seconds)
         self.version.set(state.manifest.version)
@@ -66,9 +76,45 @@ class WorkerMetrics:
                                "Epoch time of the last successful poll", registry=r)
         self.users = Gauge("stream_rec_worker_users", "Known users", registry=r)
         self.items = Gauge("stream_rec_worker_items", "Known items", registry=r)
+        self.lag = Gauge("stream_rec_worker_lag_records",
+                         "Records in the partition not yet applied by this worker "
+                         "(high watermark - next offset to apply)", ["partition"], registry=r)
+        # The ingest end of freshness: Kafka record timestamp (producer's CreateTime, or
+        # the broker's LogAppendTime) → fetched by the worker. Grows with a backlog.
+        self.fetch_age = Histogram("stream_rec_worker_fetch_age_seconds",
+                                   "Age of the oldest record of each poll when fetched (s)",
+                                   buckets=AGE_BUCKETS, registry=r)
+        self._lag_partitions: set[int] = set()
 
-    def polled(self) -> None:
-        self.last_poll.set(time.time())
+    def polled(self, consumer: Any = None, applied: dict[int, int] | None = None,
+               got: dict[Any, list[Any]] | None = None) -> None:
+        """After every poll, on the polling thread (the consumer is not thread-safe).
+
+        ``applied`` maps partition → next offset to apply; ``got`` is what the
+        poll returned. Lag uses only the high watermarks the consumer already
+        holds from fetch responses, so this sends nothing to the broker.
+        """
+        now = time.time()
+        self.last_poll.set(now)
+        if got:
+            # Records without a timestamp (-1: a pre-0.10 message format) carry no age.
+            stamps = [ts for recs in got.values() for r in recs[:1]
+                      if (ts := getattr(r, "timestamp", None)) is not None and ts > 0]
+            if stamps:
+                self.fetch_age.observe(max(0.0, now - min(stamps) / 1000.0))
+        highwater = getattr(consumer, "highwater", None)  # only KafkaConsumer has one
+        if highwater is None or applied is None:
+            return
+        seen: set[int] = set()
+        for tp in consumer.assignment():
+            high = highwater(tp)
+            if high is None:
+                continue
+            seen.add(tp.partition)
+            self.lag.labels(str(tp.partition)).set(max(0, high - applied.get(tp.partition, 0)))
+        for gone in self._lag_partitions - seen:  # revoked: its lag is another worker's now
+            self.lag.remove(str(gone))
+        self._lag_partitions = seen
 
 
 def dead_letter_reason_label(reason: str) -> str:

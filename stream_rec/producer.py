@@ -17,7 +17,7 @@ from typing import Any
 
 from stream_rec import datasets
 from stream_rec.events import encode_event
-from stream_rec.ingest.kafka import ensure_topics, make_producer
+from stream_rec.ingest.kafka import make_producer, require_topics
 from stream_rec.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def produce(cfg: KafkaSettings, events: Iterable[dict[str, Any] | bytes], *,
     ``stamp`` adds ``produced_at`` (epoch seconds) for end-to-end latency
     measurement; ``on_sent(event, future)`` sees each send's future.
     """
-    ensure_topics(cfg, [cfg.topic, cfg.dlq_topic])
+    require_topics(cfg, [cfg.topic, cfg.dlq_topic])
     producer = make_producer(cfg)
     stream = itertools.islice(events, limit) if limit else events
     show_bar = sys.stderr.isatty() if progress is None else progress

@@ -13,7 +13,15 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -40,13 +48,18 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
+
+
 class KafkaSettings(Section):
-    """Where events come from and how the worker's consumer behaves."""
+    """Where events come from, how clients reach the cluster, and the worker's consumer."""
 
     bootstrap: str = "127.0.0.1:9092"
     topic: str = "clicks"
     group_id: str = "stream-rec-worker"
     dlq_suffix: str = ".dlq"
+    # Shown in broker logs, quotas and ACL audits; kafka-python's own default when unset.
+    client_id: str | None = None
     # The local broker completes a group join in about half the session timeout,
     # so a short timeout keeps restarts quick; production clusters may raise it.
     session_timeout_ms: int = 6000
@@ -54,25 +67,61 @@ class KafkaSettings(Section):
     max_poll_interval_ms: int = 300_000
     request_timeout_ms: int = 30_000
     bootstrap_timeout_ms: int = 10_000  # how long a client waits for the first broker
+    # Topics are created only when asked: off by default so that a worker or producer
+    # pointed at a cluster never makes (or lets the broker auto-make) a topic with the
+    # wrong partitions or replication. configs/default.toml, the demo and the tests turn
+    # it on for the local broker; `stream-rec topics create` creates them explicitly.
+    create_topics: bool = False
+    partitions: int = Field(4, ge=1)  # for topics created by stream-rec (clicks and DLQ)
+    # 3 on a production cluster; -1 takes the broker's default.replication.factor.
+    replication_factor: int = Field(1, ge=-1)
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: str | None = None
-    sasl_username: str | None = None
+    # TLS (security_protocol SSL or SASL_SSL): PEM files.
+    ssl_cafile: str | None = None  # CA bundle that signed the brokers' certificates
+    ssl_certfile: str | None = None  # client certificate (mutual TLS)
+    ssl_keyfile: str | None = None  # its private key
+    ssl_password: SecretStr | None = None  # the key's passphrase, when it is encrypted
+    ssl_crlfile: str | None = None  # revoked certificates to refuse
+    ssl_check_hostname: bool = True  # the broker certificate must name the host dialled
+    # SASL (security_protocol SASL_PLAINTEXT or SASL_SSL).
+    sasl_mechanism: SaslMechanism | None = None
+    sasl_username: str | None = None  # PLAIN and SCRAM
     sasl_password: SecretStr | None = None
+    # OAUTHBEARER: a fixed token, or a file re-read whenever it changes (a sidecar or
+    # a projected service-account token rotates it without a restart).
+    sasl_oauth_token: SecretStr | None = None
+    sasl_oauth_token_file: str | None = None
+    # Any other kafka-python option, e.g. {compression_type = "zstd", api_version =
+    # "3.7"}; checked against the client's known keys, so a typo fails at start-up.
+    # Each client gets the keys it knows (producer-only keys go to producers).
+    client_options: dict[str, Any] = {}
+
+    @field_validator("replication_factor")
+    @classmethod
+    def _replication(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("replication_factor: at least 1, or -1 for the broker's default")
+        return value
+
+    @field_validator("client_options")
+    @classmethod
+    def _known_options(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from stream_rec.ingest.security import check_client_options
+
+        return check_client_options(value)
+
+    @model_validator(mode="after")
+    def _complete_security(self) -> KafkaSettings:
+        from stream_rec.ingest.security import check_security
+
+        check_security(self)
+        return self
 
     def client_kwargs(self) -> dict[str, Any]:
-        """Connection options shared by every kafka-python client we create."""
-        kw: dict[str, Any] = {
-            "bootstrap_servers": self.bootstrap.split(","),
-            "security_protocol": self.security_protocol,
-            "request_timeout_ms": self.request_timeout_ms,
-            "bootstrap_timeout_ms": self.bootstrap_timeout_ms,
-        }
-        if self.sasl_mechanism:
-            kw["sasl_mechanism"] = self.sasl_mechanism
-            kw["sasl_plain_username"] = self.sasl_username
-            kw["sasl_plain_password"] = (
-                self.sasl_password.get_secret_value() if self.sasl_password else None)
-        return kw
+        """Connection and security options shared by every kafka-python client we create."""
+        from stream_rec.ingest.security import connection_kwargs
+
+        return connection_kwargs(self)
 
     @property
     def dlq_topic(self) -> str:
@@ -140,6 +189,8 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     serve: ServeSettings = ServeSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    # "json": one JSON object per log line (for log collectors), else plain text.
+    log_format: Literal["text", "json"] = "text"
 
     @classmethod
     def settings_customise_sources(

@@ -75,4 +75,4 @@ def kafka_cfg(kafka_bootstrap: str) -> KafkaSettings:
     tag = uuid.uuid4().hex[:10]
     return KafkaSettings(bootstrap=kafka_bootstrap, topic=f"clicks-{tag}",
                          group_id=f"worker-{tag}", session_timeout_ms=2000,
-                         heartbeat_interval_ms=500)
+                         heartbeat_interval_ms=500, create_topics=True)

@@ -8,9 +8,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import NewTopic
 from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 
+from stream_rec.ingest.security import ClientKind, options_for
 from stream_rec.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -21,12 +21,17 @@ class BrokerUnavailable(RuntimeError):
     """No broker answered at the configured bootstrap address."""
 
 
+class TopicMissing(RuntimeError):
+    """A topic stream-rec needs does not exist and it was not asked to create it."""
+
+
 def make_producer(cfg: KafkaSettings, **overrides: Any) -> KafkaProducer:
     """A producer that waits for all replicas and batches briefly (5 ms)."""
     kw: dict[str, Any] = {"acks": "all", "linger_ms": 5, "retries": 5,
                           "max_request_size": 4 * 1024 * 1024}
+    kw["allow_auto_create_topics"] = cfg.create_topics
     kw.update(overrides)
-    return _connect(cfg, KafkaProducer, kw)
+    return _connect(cfg, KafkaProducer, "producer", kw)
 
 
 def make_consumer(cfg: KafkaSettings, group_id: str | None, **overrides: Any) -> KafkaConsumer:
@@ -40,42 +45,110 @@ def make_consumer(cfg: KafkaSettings, group_id: str | None, **overrides: Any) ->
         "max_poll_interval_ms": cfg.max_poll_interval_ms,
         "fetch_max_wait_ms": 50,
         "max_partition_fetch_bytes": 4 * 1024 * 1024,
+        "allow_auto_create_topics": cfg.create_topics,
     }
     kw.update(overrides)
-    return _connect(cfg, KafkaConsumer, kw)
+    return _connect(cfg, KafkaConsumer, "consumer", kw)
 
 
 def make_admin(cfg: KafkaSettings) -> KafkaAdminClient:
-    return _connect(cfg, KafkaAdminClient, {})
+    return _connect(cfg, KafkaAdminClient, "admin", {})
 
 
-def _connect(cfg: KafkaSettings, factory: Callable[..., T], kw: dict[str, Any]) -> T:
+def client_config(cfg: KafkaSettings, kind: ClientKind, kw: dict[str, Any]) -> dict[str, Any]:
+    """Every keyword a ``kind`` client is built with: connection and security from
+    settings, then our defaults (``kw``), then the settings' ``client_options`` that
+    this kind of client knows (so an operator's option wins over our default)."""
+    return {**cfg.client_kwargs(), **kw, **options_for(kind, cfg.client_options)}
+
+
+def _connect(cfg: KafkaSettings, factory: Callable[..., T], kind: ClientKind,
+             kw: dict[str, Any]) -> T:
     """Build a client, turning "nobody answers" into :class:`BrokerUnavailable`."""
     try:
-        return factory(**cfg.client_kwargs(), **kw)
+        return factory(**client_config(cfg, kind, kw))
     except KafkaTimeoutError as exc:
         raise BrokerUnavailable(
             f"no Kafka broker answers at {cfg.bootstrap} "
             f"(waited {cfg.bootstrap_timeout_ms / 1000:.0f} s)") from exc
 
 
-def ensure_topics(cfg: KafkaSettings, topics: list[str], partitions: int = 4) -> None:
-    """Create ``topics`` if missing (replication 1 suits the local broker)."""
+def ensure_topics(cfg: KafkaSettings, topics: list[str], partitions: int | None = None,
+                  replication_factor: int | None = None) -> list[str]:
+    """Create those of ``topics`` that are missing; returns the names created.
+
+    An explicit request: it creates whatever ``kafka.create_topics`` says, with
+    ``partitions`` and ``replication_factor`` defaulting to the settings'. A
+    topic another client creates at the same moment counts as existing.
+    """
+    partitions = partitions or cfg.partitions
+    replication = replication_factor or cfg.replication_factor
     admin = make_admin(cfg)
     try:
         existing = set(admin.list_topics())
-        missing = [NewTopic(t, partitions, 1) for t in topics if t not in existing]
+        missing = [t for t in topics if t not in existing]
         if missing:
+            spec = {"num_partitions": partitions, "replication_factor": replication}
             try:
-                admin.create_topics(missing)
+                admin.create_topics({t: dict(spec) for t in missing}, wait_for_metadata=True)
             except TopicAlreadyExistsError:
                 pass
             except KafkaError as exc:  # a racing creator is fine, anything else is not
                 if "TopicAlreadyExists" not in repr(exc):
                     raise
-            log.info("created topics %s", [t.name for t in missing])
+            log.info("created topics %s (%d partitions, replication %d)",
+                     missing, partitions, replication)
+        return missing
     finally:
         admin.close()
+
+
+def require_topics(cfg: KafkaSettings, topics: list[str]) -> None:
+    """Topics a worker or producer is about to use: created only when settings ask.
+
+    With ``kafka.create_topics`` off (the default) a missing topic is an error
+    that names the fix, rather than a topic made with whatever partitions and
+    replication the broker would pick.
+    """
+    if cfg.create_topics:
+        ensure_topics(cfg, topics)
+        return
+    admin = make_admin(cfg)
+    try:
+        existing = set(admin.list_topics())
+    finally:
+        admin.close()
+    missing = [t for t in topics if t not in existing]
+    if missing:
+        raise TopicMissing(
+            f"topic{'s' if len(missing) > 1 else ''} {', '.join(missing)} not found at "
+            f"{cfg.bootstrap}: create {'them' if len(missing) > 1 else 'it'} with "
+            f"`stream-rec topics create` or set kafka.create_topics = true "
+            f"(STREAM_REC_KAFKA__CREATE_TOPICS=true)")
+
+
+def describe_topics(cfg: KafkaSettings, topics: list[str] | None = None
+                    ) -> list[dict[str, Any]]:
+    """Name, partition count and replication factor of ``topics`` (default: all but
+    internal ones), sorted by name."""
+    admin = make_admin(cfg)
+    try:
+        names = topics if topics is not None else sorted(
+            t for t in admin.list_topics() if not t.startswith("__"))
+        if not names:
+            return []
+        described = admin.describe_topics(names)
+    finally:
+        admin.close()
+    rows = []
+    for t in described:
+        parts = t.get("partitions") or []
+        rows.append({"topic": t["name"], "partitions": len(parts),
+                     "replication_factor": max((len(p["replica_nodes"]) for p in parts),
+                                               default=0),
+                     "in_sync_min": min((len(p["isr_nodes"]) for p in parts), default=0),
+                     "error_code": t["error_code"]})
+    return sorted(rows, key=lambda r: r["topic"])
 
 
 def end_offsets(consumer: Any, tps: list[TopicPartition], probe_s: float = 3.0

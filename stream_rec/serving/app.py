@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
+from stream_rec.logs import uvicorn_log_config
 from stream_rec.metrics import ServingMetrics
 from stream_rec.serving.batcher import SearchBatcher
 from stream_rec.serving.state import ServingState, SnapshotWatcher
@@ -182,10 +183,10 @@ def serve(store: SnapshotStore, cfg: ServeSettings) -> None:
             os.environ[f"STREAM_REC_SERVE__{name.upper()}"] = str(value)
         uvicorn.run("stream_rec.serving.app:app_from_environment", factory=True,
                     host=cfg.host, port=cfg.port, workers=cfg.workers, log_level="warning",
-                    access_log=False)
+                    access_log=False, log_config=uvicorn_log_config())
         return
     uvicorn.run(create_app(store, cfg), host=cfg.host, port=cfg.port, log_level="warning",
-                access_log=False)
+                access_log=False, log_config=uvicorn_log_config())
 
 
 def app_from_environment() -> FastAPI:

@@ -29,7 +29,7 @@ from stream_rec import shutdown
 from stream_rec.events import DeadLetter, Decoded, Origin, decode_batch
 from stream_rec.faults import failpoint
 from stream_rec.ingest.dlq import DeadLetterWriter
-from stream_rec.ingest.kafka import ensure_topics, make_producer
+from stream_rec.ingest.kafka import make_producer, require_topics
 from stream_rec.metrics import WorkerMetrics, dead_letter_reason_label
 from stream_rec.model import StreamingModel
 from stream_rec.settings import Settings
@@ -150,7 +150,7 @@ class Worker:
         if self.stop_requested.is_set():
             log.info("stop requested while starting: exiting before consuming")
             return 0
-        ensure_topics(self.kafka, [self.kafka.topic, self.kafka.dlq_topic])
+        require_topics(self.kafka, [self.kafka.topic, self.kafka.dlq_topic])
         dlq = DeadLetterWriter(make_producer(self.kafka), self.kafka.dlq_topic)
         self.source.open()
         self.health.active()
@@ -247,7 +247,7 @@ class Worker:
                 if timeout <= 0:
                     break
             got = self.source.poll(timeout, max_events - len(records))
-            self.metrics.polled()
+            self.metrics.polled(self.source.consumer, self.checkpoint.offsets, got)
             self.health.polled(self.source.consumer, bool(got))
             if self.source.generation != generation:
                 # The rebalance rewound to the published offsets and seeks there:
