@@ -95,7 +95,8 @@ def _summary(store: Any, v: int, latest: int | None, pinned: int | None) -> dict
         row.update(error=str(exc))
         return row
     row.update(kind=m.kind, parent=m.parent, offsets=m.offsets, watermark=m.watermark,
-               counts=m.counts, created_at=m.created_at, age_s=round(age_s(m.created_at) or 0, 1))
+               counts=m.counts, created_at=m.created_at, age_s=round(age_s(m.created_at) or 0, 1),
+               writer=m.writer)
     return row
 
 
@@ -104,7 +105,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     latest, pinned = store.latest_version(), store.pinned()
     rows = [_summary(store, v, latest, pinned) for v in reversed(store.versions())]
     header = (f"{'version':>8} {'kind':5} {'parent':>7} {'events':>9} {'watermark':>14} "
-              f"{'age':>6}  offsets")
+              f"{'age':>6}  offsets  writer")
     lines = [header]
     for r in rows:
         flags = ("*" if r["latest"] else "") + ("P" if r["pinned"] else "")
@@ -115,7 +116,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                         for t, parts in r["offsets"].items())
         lines.append(f"{r['version']:>7}{flags:1} {r['kind']:5} {r['parent']!s:>7} "
                      f"{r['counts'].get('events', 0):>9} {r['watermark']!s:>14} "
-                     f"{fmt_age(r['age_s']):>6}  {offs}")
+                     f"{fmt_age(r['age_s']):>6}  {offs}  {r['writer']}")
     lines.append(f"(* latest = {latest}, P pinned = {pinned})")
     emit(args, {"store": store.url, "latest": latest, "pinned": pinned, "versions": rows}, lines)
     return 0
