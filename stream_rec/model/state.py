@@ -89,9 +89,22 @@ class ModelState:
         """Query vectors (B, D + 1) float32 for user rows (B,), to score by inner product."""
         rows = np.asarray(user_rows, dtype=np.int64).reshape(-1)
         t = self.tables
+        return self.query_history(t[T.USER_HIST][rows], t[T.USER_HIST_TS][rows], rows)
+
+    def query_history(self, hist: np.ndarray, hist_ts: np.ndarray,
+                      user_rows: np.ndarray | None = None) -> np.ndarray:
+        """Query vectors (B, D + 1) float32 for given histories, to score by inner product.
+
+        ``hist`` (B, H) item rows newest first (-1 empty) and ``hist_ts`` (B, H)
+        their times (ms): the user's recent items, which need not be the ones
+        this state recorded (a server adds the clicks it saw after the
+        version). ``user_rows`` (B,) adds each user's learned vector; -1 (a
+        user the state does not know) adds none.
+        """
+        t = self.tables
+        hist = np.asarray(hist, dtype=np.int64)
+        hts = np.asarray(hist_ts, dtype=np.int64)
         item_in = t[T.ITEM_IN]
-        hist = t[T.USER_HIST][rows]                                   # (B, H)
-        hts = t[T.USER_HIST_TS][rows]
         edges = np.asarray(self.config.get("time_buckets_s", []), dtype=np.float64) * 1000.0
         bucket = np.searchsorted(edges, hts[:, :1] - hts, side="right")  # (B, H)
         mask = hist >= 0
@@ -101,10 +114,13 @@ class ModelState:
         q = np.einsum("bhd,bh->bd", emb, wts).astype(np.float32)
         if self.config.get("transition", False):
             q = q + (emb[:, 0] * mask[:, :1]) @ t[T.TRANSITION]
-        if self.config.get("use_user_vector", True):
-            q = q + t[T.USER_VEC][rows]
+        if self.config.get("use_user_vector", True) and user_rows is not None:
+            rows = np.asarray(user_rows, dtype=np.int64).reshape(-1)
+            known = rows >= 0
+            if known.any():
+                q[known] = q[known] + t[T.USER_VEC][rows[known]]
         q = q * np.float32(self.config.get("scale", 1.0))
-        out = np.ones((len(rows), q.shape[1] + 1), dtype=np.float32)
+        out = np.ones((len(hist), q.shape[1] + 1), dtype=np.float32)
         out[:, :-1] = q
         return out
 
