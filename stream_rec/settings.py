@@ -21,6 +21,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from stream_rec.events.config import EventSettings
 from stream_rec.model import ModelConfig
 
 DEFAULT_CONFIG_FILE = Path("configs/default.toml")
@@ -115,6 +116,7 @@ class Settings(BaseSettings):
         env_prefix="STREAM_REC_", env_nested_delimiter="__", extra="ignore")
 
     kafka: KafkaSettings = KafkaSettings()
+    events: EventSettings = EventSettings()
     worker: WorkerSettings = WorkerSettings()
     model: ModelConfig = ModelConfig()
     store: StoreSettings = StoreSettings()

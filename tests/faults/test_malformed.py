@@ -14,6 +14,7 @@ import collections
 import math
 import random
 import signal
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,10 +39,12 @@ json_values = st.recursive(
                                                                  max_size=4),
     max_leaves=12)
 good_id = st.one_of(st.text(min_size=1, max_size=20), st.integers(0, 10**9))
+# Event times the contract accepts: from its earliest time (1990) up to the clock.
+good_ts = st.integers(631_152_000_000, int(time.time() * 1000))
 good_event = st.fixed_dictionaries(
-    {"user_id": good_id, "item_id": good_id, "ts": st.integers(0, 2**53)},
+    {"user_id": good_id, "item_id": good_id, "ts": good_ts},
     optional={"event": st.sampled_from(["click", "view", "like", "purchase"]),
-              "weight": st.floats(0, 100), "extra": json_values})
+              "weight": st.floats(0.001, 100), "extra": json_values})
 
 
 def _bad_messages() -> st.SearchStrategy[bytes | None]:
@@ -58,8 +61,9 @@ def _bad_messages() -> st.SearchStrategy[bytes | None]:
         good_event.flatmap(lambda e: st.tuples(
             st.sampled_from(["user_id", "item_id", "ts", "weight", "event"]),
             st.one_of(st.lists(st.integers(-9, 9), max_size=2), st.dictionaries(st.text(), st.none(),
-                      max_size=1), st.booleans(), st.none())).map(
-            lambda fv: orjson.dumps({**e, fv[0]: fv[1]}))),  # wrong types
+                      max_size=1), st.booleans(), st.none())).filter(
+            lambda fv: fv[1] is not None or fv[0] in ("user_id", "item_id", "ts")).map(
+            lambda fv: orjson.dumps({**e, fv[0]: fv[1]}))),  # wrong types (null: absent if optional)
         good_event.flatmap(lambda e: st.sampled_from(
             [b"NaN", b"-1", b"-0.5", b"Infinity", b"1e300", b"-1e20"]).map(
             lambda ts: orjson.dumps({**e, "ts": 0}).replace(b'"ts":0', b'"ts":' + ts))),
@@ -92,7 +96,7 @@ def test_parse_event_accepts_or_gives_a_reason(raw: bytes | None) -> None:
         assert str(exc)
         return
     assert ev.user_id and ev.item_id and 0 <= ev.ts <= 2**53
-    assert math.isfinite(ev.weight) and ev.weight >= 0
+    assert math.isfinite(ev.weight) and 0 < ev.weight <= 1000
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,

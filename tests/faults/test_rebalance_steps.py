@@ -31,7 +31,7 @@ TOPIC = "clicks"
 
 
 def _rec(partition: int, offset: int) -> SimpleNamespace:
-    ev = {"user_id": f"u{offset % 3}", "item_id": f"i{offset}", "ts": 1_000 + offset}
+    ev = {"user_id": f"u{offset % 3}", "item_id": f"i{offset}", "ts": 1_700_000_000_000 + offset}
     return SimpleNamespace(topic=TOPIC, partition=partition, offset=offset, key=None,
                            value=encode_event(ev))
 

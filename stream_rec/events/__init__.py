@@ -1,0 +1,45 @@
+"""The event contract: decode and validate Kafka messages, good and bad apart.
+
+Bad messages are data, not crashes: every decoder returns the accepted events
+and the dead letters (reason text for the header, :class:`Reason` code for the
+metric label, origin topic/partition/offset) side by side, so that one bad
+message never takes its neighbours down.
+
+- :func:`parse_event`: one message, the reference every decoder agrees with
+  (``dlq redrive`` and other single-message callers); :func:`decode_batch`
+  applies it to a poll's records.
+- :class:`Contract`: ``Settings.events`` made ready for decoding; build one per
+  process and pass it to every call.
+
+Watermark rule for callers: the watermark advances only from accepted events;
+offsets advance over every record.
+"""
+
+from stream_rec.events.config import (
+    KNOWN_EVENTS,
+    MAX_MESSAGE_BYTES,
+    EventFields,
+    EventSettings,
+    TimeUnit,
+)
+from stream_rec.events.contract import (
+    MAX_ID_LEN,
+    Contract,
+    DeadLetter,
+    Decoded,
+    Event,
+    Origin,
+    clock_ms,
+    decode_batch,
+    default_contract,
+    encode_event,
+    parse_event,
+)
+from stream_rec.events.reasons import InvalidEvent, Reason
+
+__all__ = [
+    "KNOWN_EVENTS", "MAX_ID_LEN", "MAX_MESSAGE_BYTES", "Contract", "DeadLetter",
+    "Decoded", "Event", "EventFields", "EventSettings", "InvalidEvent",
+    "Origin", "Reason", "TimeUnit", "clock_ms", "decode_batch",
+    "default_contract", "encode_event", "parse_event",
+]
