@@ -5,16 +5,18 @@ and the dead letters (reason text for the header, :class:`Reason` code for the
 metric label, origin topic/partition/offset) side by side, so that one bad
 message never takes its neighbours down.
 
-- :func:`parse_event`: one message, the reference every decoder agrees with
-  (``dlq redrive`` and other single-message callers); :func:`decode_batch`
-  applies it to a poll's records.
+- :func:`decode_columns` (the worker's path): records to a :class:`Batch` of
+  numpy columns plus dead letters.
+- :func:`parse_event`: one message, the reference the batch agrees with
+  (``dlq redrive`` and other single-message callers).
 - :class:`Contract`: ``Settings.events`` made ready for decoding; build one per
   process and pass it to every call.
 
-Watermark rule for callers: the watermark advances only from accepted events;
-offsets advance over every record.
+Watermark rule for callers: the watermark advances only from accepted events
+(``Batch.ts``, ``Batch.max_ts()``); offsets advance over every record.
 """
 
+from stream_rec.events.columns import Batch, decode_columns
 from stream_rec.events.config import (
     KNOWN_EVENTS,
     MAX_MESSAGE_BYTES,
@@ -38,8 +40,8 @@ from stream_rec.events.contract import (
 from stream_rec.events.reasons import InvalidEvent, Reason
 
 __all__ = [
-    "KNOWN_EVENTS", "MAX_ID_LEN", "MAX_MESSAGE_BYTES", "Contract", "DeadLetter",
+    "KNOWN_EVENTS", "MAX_ID_LEN", "MAX_MESSAGE_BYTES", "Batch", "Contract", "DeadLetter",
     "Decoded", "Event", "EventFields", "EventSettings", "InvalidEvent",
-    "Origin", "Reason", "TimeUnit", "clock_ms", "decode_batch",
+    "Origin", "Reason", "TimeUnit", "clock_ms", "decode_batch", "decode_columns",
     "default_contract", "encode_event", "parse_event",
 ]

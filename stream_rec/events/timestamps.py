@@ -25,6 +25,7 @@ EXPECTED = {"s": "epoch seconds", "ms": "epoch milliseconds", "us": "epoch micro
             "ns": "epoch nanoseconds", "iso8601": "an ISO 8601 time"}
 MAX_ISO_CHARS = 64
 _ONE_MS = timedelta(milliseconds=1)
+_INT64_MAX = 2**63 - 1
 
 
 def number_to_ms(raw: float, unit: str) -> int | None:
@@ -150,8 +151,7 @@ def raw_bounds(unit: str, earliest_ms: int, latest_ms: int) -> tuple[int, int]:
     else:
         k = 1000 if unit == "us" else 1_000_000
         lo, hi = earliest_ms * k, latest_ms * k + k - 1
-    top = np.iinfo(np.int64).max
-    return max(lo, -top), min(hi, top)
+    return max(lo, -_INT64_MAX), min(hi, _INT64_MAX)
 
 
 def epoch_ms_columns(ints: np.ndarray | None, floats: np.ndarray | None, is_float: np.ndarray,
