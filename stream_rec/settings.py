@@ -32,6 +32,7 @@ class KafkaSettings(BaseModel):
 
     bootstrap: str = "127.0.0.1:9092"
     topic: str = "clicks"
+    items_topic: str = "items"  # the item catalogue (stream_rec.events.catalogue)
     group_id: str = "stream-rec-worker"
     dlq_suffix: str = ".dlq"
     # The local broker completes a group join in about half the session timeout,
@@ -64,6 +65,10 @@ class KafkaSettings(BaseModel):
     @property
     def dlq_topic(self) -> str:
         return self.topic + self.dlq_suffix
+
+    @property
+    def items_dlq_topic(self) -> str:
+        return self.items_topic + self.dlq_suffix
 
 
 class WorkerSettings(BaseModel):

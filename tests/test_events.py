@@ -239,6 +239,7 @@ def test_event_settings_from_file_and_environment(monkeypatch: pytest.MonkeyPatc
     ev = parse_event(b'{"uid": 1, "sku": 2, "ts": 1764590400, "event": "cart"}',
                      Contract(s.events), now_ms=NOW)
     assert (ev.user_id, ev.ts, ev.weight) == ("1", NOW, 1.5)
+    assert (s.kafka.items_topic, s.kafka.items_dlq_topic) == ("items", "items.dlq")
 
 
 def test_bad_messages_never_take_good_neighbours_down() -> None:

@@ -9,6 +9,7 @@ message never takes its neighbours down.
   numpy columns plus dead letters.
 - :func:`parse_event`: one message, the reference the batch agrees with
   (``dlq redrive`` and other single-message callers).
+- :func:`parse_item` / :func:`decode_items`: the item catalogue topic.
 - :class:`Contract`: ``Settings.events`` made ready for decoding; build one per
   process and pass it to every call.
 
@@ -16,6 +17,7 @@ Watermark rule for callers: the watermark advances only from accepted events
 (``Batch.ts``, ``Batch.max_ts()``); offsets advance over every record.
 """
 
+from stream_rec.events.catalogue import DecodedItem, ItemEvent, decode_items, parse_item
 from stream_rec.events.columns import Batch, decode_columns
 from stream_rec.events.config import (
     KNOWN_EVENTS,
@@ -41,7 +43,7 @@ from stream_rec.events.reasons import InvalidEvent, Reason
 
 __all__ = [
     "KNOWN_EVENTS", "MAX_ID_LEN", "MAX_MESSAGE_BYTES", "Batch", "Contract", "DeadLetter",
-    "Decoded", "Event", "EventFields", "EventSettings", "InvalidEvent",
-    "Origin", "Reason", "TimeUnit", "clock_ms", "decode_batch", "decode_columns",
-    "default_contract", "encode_event", "parse_event",
+    "Decoded", "DecodedItem", "Event", "EventFields", "EventSettings", "InvalidEvent",
+    "ItemEvent", "Origin", "Reason", "TimeUnit", "clock_ms", "decode_batch", "decode_columns",
+    "decode_items", "default_contract", "encode_event", "parse_event", "parse_item",
 ]
