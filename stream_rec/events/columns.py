@@ -95,8 +95,8 @@ def decode_columns(records: list[Any], contract: Contract | None = None, *,
     values = list(map(_VALUE, records))
     try:
         too_big = max(map(len, values), default=0) > c.max_bytes
-    except TypeError:  # a null value
-        too_big = True
+    except TypeError:  # a null value (orjson refuses it below)
+        too_big = max(map(len, filter(None, values)), default=0) > c.max_bytes
     if too_big:  # left for the reference parser, which names the reason
         values = [v if v is not None and len(v) <= c.max_bytes else None for v in values]
     users: list[str] = []
