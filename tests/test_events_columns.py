@@ -201,7 +201,7 @@ def _same(a: Any, b: Any) -> bool:
 def test_batch_and_single_message_decoding_agree(name: str) -> None:
     contract = CONTRACTS[name]
 
-    @settings(max_examples=120, deadline=None, database=None,
+    @settings(max_examples=75, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(st.lists(_message(contract), max_size=24))
     def check(values: list[bytes | None]) -> None:
