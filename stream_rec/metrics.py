@@ -7,6 +7,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from stream_rec.events import DeadLetter, Reason
+
 MS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # Ages along the freshness path (s): sub-second when keeping up, minutes to hours in a backlog.
 AGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
@@ -59,6 +61,8 @@ class WorkerMetrics:
         self.dead_letters = Counter("stream_rec_worker_dead_letters_total",
                                     "Messages sent to the dead-letter topic", ["reason"],
                                     registry=r)
+        for code in Reason:  # every reason exported from the start, at 0
+            self.dead_letters.labels(code.value)
         self.batches = Counter("stream_rec_worker_batches_total", "Micro-batches applied",
                                registry=r)
         self.batch_seconds = Histogram("stream_rec_worker_batch_seconds",
@@ -117,7 +121,10 @@ class WorkerMetrics:
         self._lag_partitions = seen
 
 
-def dead_letter_reason_label(reason: str) -> str:
-    """A low-cardinality label for a dead-letter reason (its first words)."""
-    head = reason.split(":", 1)[0]
-    return " ".join(head.split()[:4])[:60]
+def dead_letter_reason_label(err: DeadLetter | str) -> str:
+    """The dead-letter metric's label: the letter's :class:`Reason` code, from a fixed set.
+
+    Free text (a reason without its letter) is labelled ``other``: labels never
+    come from message contents, so the metric's cardinality stays bounded.
+    """
+    return err.code.value if isinstance(err, DeadLetter) else Reason.OTHER.value

@@ -29,6 +29,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from stream_rec.events.config import EventSettings
 from stream_rec.model.config import ModelConfig
 
 DEFAULT_CONFIG_FILE = Path("configs/default.toml")
@@ -56,6 +57,7 @@ class KafkaSettings(Section):
 
     bootstrap: str = "127.0.0.1:9092"
     topic: str = "clicks"
+    items_topic: str = "items"  # the item catalogue (stream_rec.events.catalogue)
     group_id: str = "stream-rec-worker"
     dlq_suffix: str = ".dlq"
     # Shown in broker logs, quotas and ACL audits; kafka-python's own default when unset.
@@ -127,6 +129,10 @@ class KafkaSettings(Section):
     def dlq_topic(self) -> str:
         return self.topic + self.dlq_suffix
 
+    @property
+    def items_dlq_topic(self) -> str:
+        return self.items_topic + self.dlq_suffix
+
 
 class WorkerSettings(Section):
     """Micro-batching and publishing cadence of ``stream-rec worker``."""
@@ -184,6 +190,7 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
 
     kafka: KafkaSettings = KafkaSettings()
+    events: EventSettings = EventSettings()
     worker: WorkerSettings = WorkerSettings()
     model: ModelConfig = ModelConfig()
     store: StoreSettings = StoreSettings()

@@ -175,7 +175,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_redrive(args: argparse.Namespace) -> int:
-    from stream_rec.events import InvalidEvent, parse_event
+    from stream_rec.events import Contract, InvalidEvent, parse_event
     from stream_rec.ingest.kafka import make_producer
 
     origins = parse_pairs(args.origin, "--origin") if args.origin else None
@@ -183,7 +183,8 @@ def cmd_redrive(args: argparse.Namespace) -> int:
         raise usage_error("choose letters with --reason SUBSTR, --origin P:O,… or --all")
     if args.all and (args.reason or origins):
         raise usage_error("--all cannot be combined with --reason or --origin")
-    cfg = settings_for(args).kafka
+    settings = settings_for(args)
+    cfg, contract = settings.kafka, Contract(settings.events)
     letters = read_letters(cfg, args.reason)
     if origins is not None:
         letters = [x for x in letters
@@ -198,7 +199,7 @@ def cmd_redrive(args: argparse.Namespace) -> int:
             why = "value was truncated when dead-lettered: cannot be re-driven"
         elif not args.force:
             try:
-                parse_event(x["_value"])
+                parse_event(x["_value"], contract)
             except InvalidEvent as exc:
                 why = f"still invalid under the current contract: {exc}"
         if why:

@@ -23,10 +23,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from stream_rec import shutdown
-from stream_rec.events import DeadLetter, Decoded, Origin, decode_batch
+from stream_rec.events import Batch, Contract, DeadLetter, Origin, Reason, decode_columns
 from stream_rec.faults import failpoint
 from stream_rec.ingest.dlq import DeadLetterWriter
 from stream_rec.ingest.kafka import make_producer, require_topics
@@ -77,6 +75,7 @@ class Worker:
             BoundedSource(self.kafka, bounds, lambda: self.checkpoint.offsets))
         self.model: StreamingModel | None = None
         self.health = Health(settings.worker.stall_after_s)
+        self.contract = Contract(settings.events)
         self._unpublished: list[Any] = []  # records applied since the last version submitted
 
     # -- what the checkpoint holds, for callers and tests -------------------
@@ -212,11 +211,11 @@ class Worker:
         assert self.model is not None
         self.model = self.checkpoint.rewind(self.model, self.settings.model,
                                             self.settings.worker.device, force=True)
-        reason = f"model_poisoned: training on this record's batch produced {why}"
+        reason = f"training on this record's batch made the model non-finite ({why})"
         for rec in records:
             dlq.send(DeadLetter(reason, Origin(rec.topic, rec.partition, rec.offset),
-                                rec.key, rec.value))
-            self.metrics.dead_letters.labels("model_poisoned").inc()
+                                rec.key, rec.value, Reason.MODEL_POISONED))
+            self.metrics.dead_letters.labels(Reason.MODEL_POISONED.value).inc()
         dlq.flush()
         self.checkpoint.advance(records)
 
@@ -273,26 +272,24 @@ class Worker:
             self.checkpoint.advance([], done)
             return
         self._unpublished.extend(records)
-        oks, errs = decode_batch(records)
-        for err in errs:
+        batch = decode_columns(records, self.contract)
+        for err in batch.dead_letters:
             dlq.send(err)
-            self.metrics.dead_letters.labels(dead_letter_reason_label(err.reason)).inc()
-        if oks:
-            self.learn(oks)
+            self.metrics.dead_letters.labels(dead_letter_reason_label(err)).inc()
+        if len(batch.ts):
+            self.learn(batch)
         failpoint("in_batch")  # learnt, offsets not yet advanced
         self.checkpoint.advance(records, done)
         self.metrics.batches.inc()
         self.metrics.batch_seconds.observe(time.perf_counter() - t0)
 
-    def learn(self, oks: list[Decoded]) -> None:
+    def learn(self, batch: Batch) -> None:
+        """Learn the accepted events; the watermark moves only with them."""
         assert self.model is not None
-        users = [d.event.user_id for d in oks]
-        items = [d.event.item_id for d in oks]
-        ts = np.fromiter((d.event.ts for d in oks), dtype=np.int64, count=len(oks))
-        weights = np.fromiter((d.event.weight for d in oks), dtype=np.float32, count=len(oks))
-        changed = self.model.learn(users, items, ts, weights)
-        self.checkpoint.learned(changed, len(oks), int(ts.max()))
-        self.metrics.events.inc(len(oks))
+        changed = self.model.learn(batch.user_ids, batch.item_ids, batch.ts, batch.weight)
+        n = len(batch.ts)
+        self.checkpoint.learned(changed, n, batch.max_ts())
+        self.metrics.events.inc(n)
         if self.checkpoint.watermark is not None:
             self.metrics.watermark.set(self.checkpoint.watermark)
 

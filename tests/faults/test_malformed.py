@@ -14,6 +14,7 @@ import collections
 import math
 import random
 import signal
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,6 +27,8 @@ from kafka import TopicPartition
 from stream_rec.events import InvalidEvent, decode_batch, encode_event, parse_event
 from stream_rec.ingest.kafka import ensure_topics, make_consumer, make_producer
 from stream_rec.settings import KafkaSettings
+from stream_rec.snapshot import SnapshotStore
+from stream_rec.worker.checkpoint import non_finite_tables
 from tests.faults.common import SMALL_MODEL, assert_exactly_once, caught_up
 from tests.support import env_for, spawn, wait_until
 
@@ -38,10 +41,12 @@ json_values = st.recursive(
                                                                  max_size=4),
     max_leaves=12)
 good_id = st.one_of(st.text(min_size=1, max_size=20), st.integers(0, 10**9))
+# Event times the contract accepts: from its earliest time (1990) up to the clock.
+good_ts = st.integers(631_152_000_000, int(time.time() * 1000))
 good_event = st.fixed_dictionaries(
-    {"user_id": good_id, "item_id": good_id, "ts": st.integers(0, 2**53)},
+    {"user_id": good_id, "item_id": good_id, "ts": good_ts},
     optional={"event": st.sampled_from(["click", "view", "like", "purchase"]),
-              "weight": st.floats(0, 100), "extra": json_values})
+              "weight": st.floats(0.001, 100), "extra": json_values})
 
 
 def _bad_messages() -> st.SearchStrategy[bytes | None]:
@@ -58,8 +63,9 @@ def _bad_messages() -> st.SearchStrategy[bytes | None]:
         good_event.flatmap(lambda e: st.tuples(
             st.sampled_from(["user_id", "item_id", "ts", "weight", "event"]),
             st.one_of(st.lists(st.integers(-9, 9), max_size=2), st.dictionaries(st.text(), st.none(),
-                      max_size=1), st.booleans(), st.none())).map(
-            lambda fv: orjson.dumps({**e, fv[0]: fv[1]}))),  # wrong types
+                      max_size=1), st.booleans(), st.none())).filter(
+            lambda fv: fv[1] is not None or fv[0] in ("user_id", "item_id", "ts")).map(
+            lambda fv: orjson.dumps({**e, fv[0]: fv[1]}))),  # wrong types (null: absent if optional)
         good_event.flatmap(lambda e: st.sampled_from(
             [b"NaN", b"-1", b"-0.5", b"Infinity", b"1e300", b"-1e20"]).map(
             lambda ts: orjson.dumps({**e, "ts": 0}).replace(b'"ts":0', b'"ts":' + ts))),
@@ -92,7 +98,7 @@ def test_parse_event_accepts_or_gives_a_reason(raw: bytes | None) -> None:
         assert str(exc)
         return
     assert ev.user_id and ev.item_id and 0 <= ev.ts <= 2**53
-    assert math.isfinite(ev.weight) and ev.weight >= 0
+    assert math.isfinite(ev.weight) and 0 < ev.weight <= 1000
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -127,10 +133,20 @@ def test_worker_dead_letters_generated_garbage_and_applies_the_rest(
         bads.append(value)
 
     collect()
-    # Sure to be there whatever the generator drew: a 1 MB payload, NaN and negative ts.
+    # Sure to be there whatever the generator drew: a 1 MB payload, NaN and negative ts, and
+    # the three that used to poison the model or the watermark: a weight that is inf in
+    # float32, a time in microseconds and one in the year 9999.
+    poisons = {
+        orjson.dumps({"user_id": "u1", "item_id": "i1", "ts": 1_700_000_000_000,
+                      "weight": 1e39}): "not finite in float32",
+        orjson.dumps({"user_id": "u2", "item_id": "i2",
+                      "ts": 1_700_000_000_000_000}): "looks like microseconds",
+        orjson.dumps({"user_id": "u3", "item_id": "i3",
+                      "ts": 253_402_300_799_000}): "in the future",
+    }
     bads += [orjson.dumps({"user_id": "u1", "item_id": "i1", "ts": 1, "pad": "x" * 1_000_000}),
              b'{"user_id": "u1", "item_id": "i1", "ts": NaN}',
-             b'{"user_id": "u1", "item_id": "i1", "ts": -5}']
+             b'{"user_id": "u1", "item_id": "i1", "ts": -5}', *poisons]
     msgs: list[tuple[bytes | None, bytes | None, bool]] = []
     for i in range(1500):
         user = f"u{rng.randrange(200)}"
@@ -173,6 +189,12 @@ def test_worker_dead_letters_generated_garbage_and_applies_the_rest(
         reasons[(int(h["origin.partition"]), int(h["origin.offset"]))] = h["error.reason"]
     dlq.close()
     assert set(reasons) == want_bad and all(reasons.values())
+    by_value = {v: reasons[(md.partition, md.offset)] for md, _k, v, ok in sent if not ok}
+    for value, words in poisons.items():
+        assert words in by_value[value], (words, by_value[value])
+    snap = SnapshotStore(store).load()
+    assert snap is not None and not non_finite_tables(snap.state.tables)
+    assert snap.manifest.watermark == 1_700_000_000_000 + 1499  # the newest good event
     kinds = collections.Counter(r.split(":")[0][:30] for r in reasons.values())
     print(f"malformed: {len(want_bad)} bad messages dead-lettered ({dict(kinds)}), "
           f"{len(acked)} good applied")

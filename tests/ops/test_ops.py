@@ -115,9 +115,10 @@ def test_replay_from_time_rebuilds_the_live_state(kafka_cfg: KafkaSettings, tmp_
     finally:
         _stop(worker)
     time.sleep(0.05)
+    late_ms = int(time.time() * 1000)
     for j in range(50):
         producer.send(cfg.topic, key=b"late", value=encode_event(
-            {"user_id": "late", "item_id": f"late-{j}", "ts": 1_900_000_000_000 + j}))
+            {"user_id": "late", "item_id": f"late-{j}", "ts": late_ms + j}))
     producer.flush()
     producer.close()
     dlq_before = topic_end_offsets(cfg, cfg.dlq_topic)

@@ -30,7 +30,8 @@ TOPIC = "clicks"
 
 
 def _rec(partition: int, offset: int, **extra: Any) -> SimpleNamespace:
-    ev = {"user_id": f"u{offset % 3}", "item_id": f"i{offset}", "ts": 1_000 + offset, **extra}
+    ev = {"user_id": f"u{offset % 3}", "item_id": f"i{offset}",
+          "ts": 1_700_000_000_000 + offset, **extra}
     return SimpleNamespace(topic=TOPIC, partition=partition, offset=offset, key=None,
                            value=encode_event(ev))
 
@@ -159,14 +160,13 @@ def test_a_model_made_non_finite_is_never_published(tmp_path: Path) -> None:
     assert worker.checkpoint.publisher.wait_idle(30)
     worker.commit_published()
     good = worker.model.state()
-    # the chunk of 1 000 events completes with a weight that is inf in float32
-    poisoned = [_rec(0, 5, weight=1e39)] + [_rec(0, o) for o in range(6, 1005)]
+    # events that pass validation, then training diverges (simulated: a row turns NaN)
+    poisoned = [_rec(0, o) for o in range(5, 1005)]
     worker.apply(poisoned, dlq)
-    with np.errstate(invalid="ignore"):
-        assert not np.isfinite(worker.model.state().tables["user.vec"]).all()
+    worker.model.params.item_out[0] = float("nan")
     worker.publish(dlq)
     assert len(dlq.letters) == len(poisoned)
-    assert all(x.reason.startswith("model_poisoned") for x in dlq.letters)
+    assert all(x.code == "model_poisoned" and "non-finite" in x.reason for x in dlq.letters)
     assert worker.offsets == {0: 1005} and worker.events == 5
     for name, table in worker.model.state().tables.items():
         np.testing.assert_array_equal(table, good.tables[name], err_msg=name)
