@@ -100,7 +100,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_for(args)
     if args.host:
         settings.serve.host = args.host
-    serve(SnapshotStore(settings.store.path, settings.store.keep_versions), settings.serve)
+    serve(SnapshotStore(settings.store.path, settings.store.keep_versions), settings)
     return 0
 
 

@@ -39,6 +39,18 @@ class ServingMetrics:
         self.visible_delay = Histogram("stream_rec_snapshot_visible_delay_seconds",
                                        "Version created (worker) → swapped in here (s)",
                                        buckets=AGE_BUCKETS, registry=r)
+        # The overlay: clicks read from the topic past the served version (serving/overlay.py).
+        self.overlay_following = Gauge("stream_rec_overlay_following",
+                                       "1 while the server reads the click topic", registry=r)
+        self.overlay_applied = Counter("stream_rec_overlay_applied_total",
+                                       "Clicks applied to the overlay", registry=r)
+        self.overlay_lag = Gauge("stream_rec_overlay_lag_records",
+                                 "Clicks in the topic the overlay has not read yet", registry=r)
+        self.overlay_users = Gauge("stream_rec_overlay_users",
+                                   "Users with clicks in the overlay", registry=r)
+        self.overlay_events = Gauge("stream_rec_overlay_events",
+                                    "Clicks held by the overlay (past the served version)",
+                                    registry=r)
 
     def observe_swap(self, state: Any, seconds: float) -> None:
         created = state.manifest.created_at

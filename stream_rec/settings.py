@@ -181,6 +181,10 @@ class ServeSettings(Section):
     search_threads: int = Field(1, ge=1)  # FAISS threads per search (requests run in parallel)
     max_batch: int = Field(64, ge=1)  # concurrent /recommend searches coalesced into one
     workers: int = Field(1, ge=1)  # server processes on the port, each with its own index
+    # Read the click topic (kafka.*) past the served version, so that a user's newest
+    # clicks shape their next answer before a version carries them; bounded overlay.
+    follow_topic: bool = True
+    overlay_max_events: int = Field(500_000, ge=1)
 
 
 class Settings(BaseSettings):

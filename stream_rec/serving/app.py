@@ -22,8 +22,10 @@ from pydantic import BaseModel
 from stream_rec.logs import uvicorn_log_config
 from stream_rec.metrics import ServingMetrics
 from stream_rec.serving.batcher import SearchBatcher
+from stream_rec.serving.follower import TopicFollower
+from stream_rec.serving.overlay import Overlay
 from stream_rec.serving.state import ServingState, SnapshotWatcher
-from stream_rec.settings import ServeSettings
+from stream_rec.settings import ServeSettings, Settings
 from stream_rec.snapshot import SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -91,12 +93,32 @@ def _json(body: dict[str, Any]) -> Response:
 
 
 def create_app(store: SnapshotStore, cfg: ServeSettings | None = None,
-               metrics: ServingMetrics | None = None, watch: bool = True) -> FastAPI:
-    """The serving application over ``store``; ``watch=False`` leaves polling to the caller."""
+               metrics: ServingMetrics | None = None, watch: bool = True,
+               follow: Settings | None = None, overlay: Overlay | None = None) -> FastAPI:
+    """The serving application over ``store``; ``watch=False`` leaves polling to the caller.
+
+    With ``follow`` (the settings naming the broker, topic and event contract)
+    and ``cfg.follow_topic``, the server also reads the click topic into an
+    overlay of each user's clicks past the served version (see
+    :mod:`stream_rec.serving.overlay`). ``overlay`` passes one in directly
+    (tests feed it themselves).
+    """
     cfg = cfg or ServeSettings()
     metrics = metrics or ServingMetrics()
+    follower: TopicFollower | None = None
+    if overlay is None and follow is not None and cfg.follow_topic:
+        overlay = Overlay(history=follow.model.history, max_events=cfg.overlay_max_events)
+        follower = TopicFollower(follow.kafka, follow.events, overlay, metrics)
+    topic = follow.kafka.topic if follow is not None else None
+
+    def rebase(current: ServingState) -> None:
+        if overlay is not None:
+            offsets = current.manifest.offsets
+            overlay.rebase(offsets.get(topic, {}) if topic else
+                           next(iter(offsets.values()), {}))
+
     watcher = SnapshotWatcher(store, cfg.poll_interval_ms / 1000.0, metrics,
-                              index_kind=cfg.index, nprobe=cfg.nprobe)
+                              index_kind=cfg.index, nprobe=cfg.nprobe, on_swap=rebase)
     KParam = Annotated[int, Query(ge=1, le=cfg.max_k, description="number of items")]
 
     batcher = SearchBatcher(cfg.max_batch, cfg.search_threads)
@@ -105,7 +127,11 @@ def create_app(store: SnapshotStore, cfg: ServeSettings | None = None,
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if watch:
             watcher.start()
+            if follower is not None:
+                follower.start()
         yield
+        if follower is not None:
+            follower.stop()
         watcher.stop()
         batcher.close()
 
@@ -113,6 +139,8 @@ def create_app(store: SnapshotStore, cfg: ServeSettings | None = None,
     app.state.watcher = watcher
     app.state.metrics = metrics
     app.state.batcher = batcher
+    app.state.overlay = overlay
+    app.state.follower = follower
 
     def ready() -> ServingState:
         current = watcher.current
@@ -126,12 +154,12 @@ def create_app(store: SnapshotStore, cfg: ServeSettings | None = None,
     async def recommend(user_id: IdParam, k: KParam = cfg.default_k) -> Response:
         """Top-k unseen items for a user; unknown users get recently popular items."""
         current = ready()
-        plan = current.plan(user_id)
+        plan = current.plan(user_id, overlay)
         hits = None
         if plan.query is not None:
             hits = await asyncio.wrap_future(
                 batcher.search(current.index, plan.query, k, plan.exclude))
-        return _json(current.answer(user_id, k, plan, hits))
+        return _json(current.answer(user_id, k, plan, hits, overlay))
 
     @app.get("/similar/{item_id}", response_model=Similar)
     async def similar(item_id: IdParam, k: KParam = cfg.default_k) -> Response:
@@ -154,8 +182,14 @@ def create_app(store: SnapshotStore, cfg: ServeSettings | None = None,
         if current is None:
             return JSONResponse({"ready": False, "reason": "no snapshot loaded yet"}, 503)
         m = current.manifest
-        return JSONResponse({"ready": True, **current.meta(), "created_at": m.created_at,
-                             "offsets": m.offsets, "counts": m.counts})
+        body = {"ready": True, **current.meta(), "created_at": m.created_at,
+                "offsets": m.offsets, "counts": m.counts}
+        if follower is not None:  # answering from versions alone says so, but stays ready
+            body["overlay"] = follower.status()
+        elif overlay is not None:
+            body["overlay"] = {"following": False, "reach": dict(overlay.reach),
+                               **overlay.stats()}
+        return JSONResponse(body)
 
     @app.get("/metrics", response_class=PlainTextResponse)  # documented as text, not JSON
     def prometheus() -> Response:
@@ -164,7 +198,7 @@ def create_app(store: SnapshotStore, cfg: ServeSettings | None = None,
     return app
 
 
-def serve(store: SnapshotStore, cfg: ServeSettings) -> None:
+def serve(store: SnapshotStore, settings: Settings) -> None:
     """Run the server in the foreground until SIGTERM or Ctrl+C.
 
     With ``cfg.workers`` > 1, uvicorn runs that many processes on the same port,
@@ -173,19 +207,22 @@ def serve(store: SnapshotStore, cfg: ServeSettings) -> None:
     """
     import uvicorn
 
+    cfg = settings.serve
     log.info("serving on http://%s:%d from %s (%d process%s)", cfg.host, cfg.port, store.url,
              cfg.workers, "es" if cfg.workers > 1 else "")
     if cfg.workers > 1:
         # Worker processes rebuild the app from the environment: pass the effective values.
         os.environ["STREAM_REC_STORE__PATH"] = store.url
         os.environ["STREAM_REC_STORE__KEEP_VERSIONS"] = str(store.keep_versions)
+        os.environ["STREAM_REC_KAFKA__BOOTSTRAP"] = settings.kafka.bootstrap
+        os.environ["STREAM_REC_KAFKA__TOPIC"] = settings.kafka.topic
         for name, value in cfg.model_dump().items():
             os.environ[f"STREAM_REC_SERVE__{name.upper()}"] = str(value)
         uvicorn.run("stream_rec.serving.app:app_from_environment", factory=True,
                     host=cfg.host, port=cfg.port, workers=cfg.workers, log_level="warning",
                     access_log=False, log_config=uvicorn_log_config())
         return
-    uvicorn.run(create_app(store, cfg), host=cfg.host, port=cfg.port, log_level="warning",
+    uvicorn.run(create_app(store, cfg, follow=settings), host=cfg.host, port=cfg.port, log_level="warning",
                 access_log=False, log_config=uvicorn_log_config())
 
 
@@ -195,4 +232,4 @@ def app_from_environment() -> FastAPI:
 
     settings = load_settings()
     return create_app(SnapshotStore(settings.store.path, settings.store.keep_versions),
-                      settings.serve)
+                      settings.serve, follow=settings)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ import numpy as np
 
 from stream_rec.index import ItemIndex
 from stream_rec.model import tables as T
+from stream_rec.serving.overlay import Overlay, UserClicks
 from stream_rec.snapshot import CorruptSnapshot, Snapshot, SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ class Plan:
 
     query: np.ndarray | None
     exclude: np.ndarray
+    overlay_events: int = 0  # the user's clicks past the version that the query includes
 
 
 class ServingState:
@@ -79,29 +82,72 @@ class ServingState:
         return {"version": self.manifest.version, "watermark": self.manifest.watermark}
 
     # -- answers: plan, search (batched by the app, directly here), answer --
-    def plan(self, user_id: str) -> Plan:
-        """What ``user_id``'s answer searches: their query, minus the items they saw."""
-        row = self.state.user_row(user_id)
-        if row is None:
-            return Plan(None, np.zeros(0, dtype=np.int64))
-        query = self.state.query(np.array([row], dtype=np.int64))[0]
-        return Plan(query, np.asarray(self.state.seen(row), dtype=np.int64))
+    def plan(self, user_id: str, overlay: Overlay | None = None) -> Plan:
+        """What ``user_id``'s answer searches: their query, minus the items they saw.
 
-    def answer(self, user_id: str, k: int, plan: Plan, hits: Hits | None) -> dict[str, Any]:
-        """The body of ``/recommend``: the searched ``hits``, or popular items without a query."""
+        The query is the version's parameters applied to the user's recent
+        history: the version's, preceded by the user's clicks in ``overlay``
+        (those past the version's offsets), newest first. A user the version
+        does not know but the overlay does gets a query from those clicks alone.
+        """
+        row = self.state.user_row(user_id)
+        clicks = overlay.clicks(user_id) if overlay is not None else None
+        if clicks is None:
+            if row is None:
+                return Plan(None, np.zeros(0, dtype=np.int64))
+            query = self.state.query(np.array([row], dtype=np.int64))[0]
+            return Plan(query, np.asarray(self.state.seen(row), dtype=np.int64))
+        hist, hist_ts = self._history(row, clicks)
+        query = self.state.query_history(hist[None, :], hist_ts[None, :],
+                                         np.array([-1 if row is None else row]))[0]
+        seen_rows = [r for r in map(self.state.item_row, clicks.seen) if r is not None]
+        exclude = np.asarray(seen_rows, dtype=np.int64)
+        if row is not None:
+            exclude = np.union1d(self.state.seen(row), exclude)
+        return Plan(query, exclude, clicks.events)
+
+    def _history(self, row: int | None, clicks: UserClicks) -> tuple[np.ndarray, np.ndarray]:
+        """(H,) item rows and times: the overlay's clicks, then the version's history.
+
+        An item the version does not know yet has no embedding: its slot stays
+        empty (-1), keeping the others' positions.
+        """
+        t = self.state.tables
+        H = t[T.USER_HIST].shape[1]
+        if row is None:
+            old, old_ts = np.full(H, -1, dtype=np.int64), np.zeros(H, dtype=np.int64)
+        else:
+            old, old_ts = t[T.USER_HIST][row], t[T.USER_HIST_TS][row]
+        new = [r if r is not None else -1 for r in map(self.state.item_row, clicks.items)]
+        hist = np.concatenate([np.asarray(new, dtype=np.int64), old])[:H]
+        hist_ts = np.concatenate([np.asarray(clicks.ts, dtype=np.int64), old_ts])[:H]
+        return hist, hist_ts
+
+    def answer(self, user_id: str, k: int, plan: Plan, hits: Hits | None,
+               overlay: Overlay | None = None) -> dict[str, Any]:
+        """The body of ``/recommend``: the searched ``hits``, or popular items without a query.
+
+        With an ``overlay``, the answer also says how far it reaches: the
+        next offset per partition it has read, and how many of the user's
+        clicks past the version the query included.
+        """
         if plan.query is None:
             items, fallback = self.popular(k), True
         else:
             items, fallback = self.named(hits or []), False
-        return {"user_id": user_id, **self.meta(), "fallback": fallback,
+        body = {"user_id": user_id, **self.meta(), "fallback": fallback,
                 "items": [{"item_id": i, "score": s} for i, s in items]}
+        if overlay is not None:
+            body["overlay"] = {"events": plan.overlay_events,
+                               "offsets": {str(p): o for p, o in overlay.reach.items()}}
+        return body
 
-    def recommend(self, user_id: str, k: int) -> dict[str, Any]:
+    def recommend(self, user_id: str, k: int, overlay: Overlay | None = None) -> dict[str, Any]:
         """``/recommend``'s body, searching the index on the calling thread."""
-        plan = self.plan(user_id)
+        plan = self.plan(user_id, overlay)
         hits = None if plan.query is None else \
             self.index.search(plan.query[None, :], k, [plan.exclude])[0]
-        return self.answer(user_id, k, plan, hits)
+        return self.answer(user_id, k, plan, hits, overlay)
 
     def named(self, hits: Hits) -> list[tuple[str, float]]:
         return [(self.state.item_ids[r], s) for r, s in hits]
@@ -129,8 +175,10 @@ class SnapshotWatcher:
 
     def __init__(self, store: SnapshotStore, poll_interval_s: float = 0.1,
                  metrics: Any | None = None, index_kind: str = "flat",
-                 nprobe: int = 16) -> None:
+                 nprobe: int = 16,
+                 on_swap: Callable[[ServingState], None] | None = None) -> None:
         self.store = store
+        self.on_swap = on_swap  # runs on the watcher's thread, after the swap
         self.index_kind = index_kind
         self.nprobe = nprobe
         self.poll_interval_s = poll_interval_s
@@ -165,6 +213,8 @@ class SnapshotWatcher:
         new_state = ServingState(snapshot, current, self.index_kind, self.nprobe)
         self._backoff_s = 0.0
         self.current = new_state  # the swap: one reference, atomic under the GIL
+        if self.on_swap is not None:
+            self.on_swap(new_state)
         if self.metrics:
             self.metrics.observe_swap(new_state, time.perf_counter() - t0)
         log.info("serving version %d (watermark %s)", new_state.version,
