@@ -158,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("kafka", "httpx", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from stream_rec.errors import Fatal
     from stream_rec.ingest.kafka import BrokerUnavailable
 
     try:
@@ -165,6 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, BrokerUnavailable, FileNotFoundError, ValueError) as exc:
         print(f"stream-rec {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Fatal as exc:
+        print(f"stream-rec {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
