@@ -40,6 +40,13 @@ class KafkaSettings(BaseModel):
     max_poll_interval_ms: int = 300_000
     request_timeout_ms: int = 30_000
     bootstrap_timeout_ms: int = 10_000  # how long a client waits for the first broker
+    # Producers' batch compression (the worker's dead letters, `stream-rec produce`,
+    # re-drives and copies). Consumers read every codec whatever this says.
+    compression_type: Literal["gzip", "snappy", "lz4", "zstd"] | None = None
+    # The largest request, hence record, a producer sends (bytes). Kafka's own
+    # default for producers and for brokers' message.max.bytes; raise both
+    # together. Dead letters are cut to fit it (and flagged value.truncated).
+    max_request_size: int = Field(1_048_576, ge=4096)
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
@@ -85,6 +92,15 @@ class WorkerSettings(BaseModel):
     # /healthz answers 503 once the broker has not answered (records, heartbeat
     # or commit) for this long.
     stall_after_s: float = Field(30.0, gt=0)
+    # What to do when the snapshot's offsets are outside a partition's log (past
+    # its end: the topic was deleted and recreated; below its start: retention
+    # deleted events never read) or the topic was recreated under the worker.
+    # "fail" (default): one-line error, exit 1, nothing consumed. "earliest":
+    # resume at the log start. "latest": resume at the log end (skip what it holds).
+    on_offset_out_of_range: Literal["fail", "earliest", "latest"] = "fail"
+    # An idle worker confirms this often that its topic still exists and is the
+    # same one (a check also runs before every publish).
+    topic_check_interval_s: float = Field(5.0, gt=0)
 
 
 class StoreSettings(BaseModel):

@@ -50,3 +50,20 @@ def test_unreachable_broker_is_a_one_line_error(capsys: pytest.CaptureFixture[st
                      "--bootstrap", f"127.0.0.1:{port}", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "no Kafka broker answers" in err and "Traceback" not in err
+
+
+def test_kafka_edge_settings_reach_the_clients(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("STREAM_REC_KAFKA__COMPRESSION_TYPE", "zstd")
+    monkeypatch.setenv("STREAM_REC_WORKER__ON_OFFSET_OUT_OF_RANGE", "earliest")
+    s = load_settings()
+    assert (s.kafka.compression_type, s.worker.on_offset_out_of_range) == ("zstd", "earliest")
+    assert s.kafka.max_request_size == 1_048_576  # Kafka's own default
+    monkeypatch.setenv("STREAM_REC_KAFKA__COMPRESSION_TYPE", "brotli")
+    with pytest.raises(ValidationError, match="compression_type"):
+        load_settings()
+    monkeypatch.setenv("STREAM_REC_KAFKA__COMPRESSION_TYPE", "lz4")
+    monkeypatch.setenv("STREAM_REC_WORKER__ON_OFFSET_OUT_OF_RANGE", "skip")
+    with pytest.raises(ValidationError, match="on_offset_out_of_range"):
+        load_settings()
