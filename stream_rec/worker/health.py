@@ -36,6 +36,7 @@ class Health:
         self.last_contact = time.monotonic()
         self.last_records: float | None = None
         self.last_commit: float | None = None
+        self.waiting: str | None = None  # why the worker cannot consume yet (no topic)
         self._reported = False
 
     def polled(self, consumer: Any, got_records: bool) -> None:
@@ -52,6 +53,11 @@ class Health:
 
     def committed(self) -> None:
         self.last_commit = self.last_contact = time.monotonic()
+
+    def wait_for(self, reason: str | None) -> None:
+        """The worker waits (``reason``), or no longer does (None); the broker answered."""
+        self.waiting = reason
+        self.last_contact = time.monotonic()
 
     def _log_transition(self, now: float) -> None:
         stalled = now - self.last_contact > self.stall_after_s
@@ -76,6 +82,10 @@ class Health:
             else round(now - self.last_records, 1),
             "seconds_since_commit": None if self.last_commit is None
             else round(now - self.last_commit, 1)}
+        if self.waiting is not None:
+            body["status"] = "waiting"
+            body["reason"] = self.waiting
+            return False, body
         if age > self.stall_after_s:
             body["status"] = "stalled"
             body["reason"] = (f"no successful poll, heartbeat or commit for {age:.0f} s "
@@ -86,7 +96,11 @@ class Health:
 
 def serve_health(check: Callable[[], tuple[bool, dict[str, Any]]], registry: CollectorRegistry,
                  port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
-    """``/healthz`` (200, or 503 with the reason) and ``/metrics`` on a daemon thread."""
+    """``/healthz`` (200, or 503 with the reason) and ``/metrics`` on a daemon thread.
+
+    503 means the worker cannot make progress: the broker stalled, or the topic
+    it consumes does not exist yet (``status`` "stalled" or "waiting").
+    """
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:

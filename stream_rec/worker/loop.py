@@ -6,6 +6,8 @@ and every ``worker.publish_interval_ms`` hand a copy to the publisher thread
 through the :class:`~stream_rec.worker.checkpoint.Checkpoint`, whose docstring
 gives the commit sequence. Following the live group or replaying a bounded
 range is the choice of source (:mod:`.source`), not a branch through the loop.
+Before a version is published the :class:`~.topic.TopicGuard` confirms that
+the topic is still the one its offsets refer to (:meth:`Worker.confirm_topic`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from stream_rec.snapshot.publisher import FullPolicy
 from .checkpoint import Checkpoint
 from .health import Health, serve_health
 from .source import BoundedSource, Bounds, GroupSource
+from .topic import TopicGuard
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +64,15 @@ class Worker:
             FullPolicy(max_chain=settings.worker.full_every_versions,
                        max_age_s=settings.worker.full_every_s),
             on_durable=self._durable)
-        self.source: GroupSource | BoundedSource = (
-            GroupSource(self.kafka, lambda: self.checkpoint.offsets, self.rewind_to_published)
-            if bounds is None else
-            BoundedSource(self.kafka, bounds, lambda: self.checkpoint.offsets))
-        self.model: StreamingModel | None = None
         self.health = Health(settings.worker.stall_after_s)
+        self.guard = TopicGuard(self.kafka, settings.worker.on_offset_out_of_range,
+                                held=lambda: self.checkpoint.offsets,
+                                reposition=self.checkpoint.reposition,
+                                on_wait=self.health.wait_for)
+        self.source: GroupSource | BoundedSource = (
+            GroupSource(self.kafka, self.guard, self.rewind_to_published)
+            if bounds is None else BoundedSource(self.kafka, bounds, self.guard))
+        self.model: StreamingModel | None = None
 
     # -- what the checkpoint holds, for callers and tests -------------------
     @property
@@ -107,34 +113,65 @@ class Worker:
 
             torch.set_num_threads(wcfg.torch_threads)
         self.model = self.restore()
-        ensure_topics(self.kafka, [self.kafka.topic, self.kafka.dlq_topic])
+        # The consumed topic is never created here: the source waits for it.
+        if not self.source.open(self.stop_requested):
+            self.guard.close()
+            log.info("stopped while waiting for topic %s", self.kafka.topic)
+            return 0
+        # Dead letters: their topic is created when missing.
+        ensure_topics(self.kafka, [self.kafka.dlq_topic])
         dlq = DeadLetterWriter(make_producer(self.kafka), self.kafka.dlq_topic)
-        self.source.open()
         publisher = self.checkpoint.start_publisher()
-        last_publish = time.monotonic()
+        last_publish = last_check = time.monotonic()
         try:
             while not self.stop_requested.is_set() and not self.reached_end():
                 records = self.poll_batch(wcfg.batch_max_events, wcfg.batch_max_ms)
                 if records:
                     self.apply(records, dlq)
                 self.commit_published()
-                due = time.monotonic() - last_publish >= wcfg.publish_interval_ms / 1000.0
-                if self.checkpoint.dirty and due and not publisher.busy() \
-                        and self.source.may_publish():
-                    self.checkpoint.publish(self.model, dlq)
-                    last_publish = time.monotonic()
+                if publisher.busy():
+                    continue
+                now = time.monotonic()
+                publish = self.checkpoint.dirty and self.source.may_publish() \
+                    and now - last_publish >= wcfg.publish_interval_ms / 1000.0
+                if publish or now - last_check >= wcfg.topic_check_interval_s:
+                    last_check = now
+                    if self.confirm_topic() and publish:
+                        self.checkpoint.publish(self.model, dlq)
+                        last_publish = time.monotonic()
             # Shutdown: let the version in flight land, publish the rest, commit.
             publisher.wait_idle()
-            if self.checkpoint.dirty and self.source.may_publish():
+            if self.checkpoint.dirty and self.source.may_publish() and self.confirm_topic():
                 self.checkpoint.publish(self.model, dlq)
                 publisher.wait_idle()
             self.commit_published()
         finally:
             publisher.close()
             self.source.close()
+            self.guard.close()
             dlq.close()
         log.info("worker stopped at version %s, offsets %s", self.version, self.offsets)
         return 0
+
+    def confirm_topic(self) -> bool:
+        """May what the worker holds be published? Only while the topic is the one it read.
+
+        Records read after the topic was deleted and recreated come from the
+        new topic at the old offsets (some brokers serve them without an
+        error), so on a new topic id nothing since the last version is
+        published: under ``worker.on_offset_out_of_range = "fail"`` (and
+        always for a bounded run) the worker stops with the offsets it was at
+        and the new log's; otherwise it rewinds to the last version and every
+        partition resumes at the new topic's start (or end).
+        """
+        verdict = self.guard.confirm()
+        if verdict != "recreated":
+            return verdict == "same"
+        if self.guard.policy == "fail" or not self.source.resets_on_recreation:
+            self.guard.recreated(held=self.checkpoint.published_offsets(), policy="fail")
+        self.rewind_to_published()
+        self.source.seek(self.guard.recreated())
+        return True
 
     def rewind_to_published(self) -> None:
         """On losing partitions: back to the newest durable version (see Checkpoint.rewind)."""
