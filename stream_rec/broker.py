@@ -63,16 +63,23 @@ def stop_process(proc: subprocess.Popen | None, timeout_s: float = 30.0) -> int 
 
 
 class LocalBroker:
-    """A Tansu broker subprocess on ``host:port`` (a free port when ``port`` is 0)."""
+    """A Tansu broker subprocess on ``host:port`` (a free port when ``port`` is 0).
+
+    ``advertised`` is the host:port clients are told to connect to (default:
+    where it listens); a proxy in front of the broker (TLS termination, say)
+    advertises itself instead. ``schema_dir`` turns on the broker's schema
+    validation: a record produced to topic ``T`` is refused (INVALID_RECORD)
+    unless it matches ``T.json`` there.
+    """
 
     def __init__(self, port: int = 0, host: str = "127.0.0.1",
-                 log_path: Path | None = None, advertised: str | None = None) -> None:
+                 log_path: Path | None = None, advertised: str | None = None,
+                 schema_dir: Path | None = None) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.log_path = log_path
-        # host:port clients are told to connect to (default: where it listens); a proxy
-        # in front of the broker (TLS termination, say) advertises itself instead.
         self.advertised = advertised
+        self.schema_dir = schema_dir
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -83,12 +90,15 @@ class LocalBroker:
         url = f"tcp://{self.host}:{self.port}"
         advertised = f"tcp://{self.advertised}" if self.advertised else url
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        args = [broker_binary(), "broker", "--listener-url", url,
+                "--advertised-listener-url", advertised, "--storage-engine", "memory://tansu/"]
+        cwd = None
+        if self.schema_dir is not None:  # Tansu resolves file:// URLs against its directory
+            cwd = self.schema_dir.resolve().parent
+            args += ["--schema-registry", f"file://./{self.schema_dir.name}"]
         self.proc = subprocess.Popen(
-            [broker_binary(), "broker", "--listener-url", url,
-             "--advertised-listener-url", advertised,
-             "--storage-engine", "memory://tansu/"],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "RUST_LOG": "warn"},
-            start_new_session=True)
+            args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "RUST_LOG": "warn"},
+            cwd=cwd, start_new_session=True)
         try:
             wait_for_port(self.host, self.port, timeout_s, self.proc)
         except Exception:

@@ -173,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from stream_rec.logs import configure_logging
 
     configure_logging(getattr(args, "log_level", None))
+    from stream_rec.errors import Fatal
     from stream_rec.ingest.kafka import BrokerUnavailable, TopicMissing
 
     try:
@@ -180,6 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, BrokerUnavailable, TopicMissing, FileNotFoundError, ValueError) as exc:
         print(f"stream-rec {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Fatal as exc:
+        print(f"stream-rec {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -10,12 +10,16 @@ from __future__ import annotations
 import itertools
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from kafka.errors import KafkaError
+
 from stream_rec import datasets
+from stream_rec.errors import Fatal, describe
 from stream_rec.events import encode_event
 from stream_rec.ingest.kafka import make_producer, require_topics
 from stream_rec.settings import KafkaSettings
@@ -34,6 +38,25 @@ def open_source(source: str, *, seed: int = 0) -> Iterator[dict[str, Any] | byte
         raise FileNotFoundError(f"no such dataset or file: {source!r} "
                                 "(use ml-100k, synthetic or a .jsonl/.csv path)")
     return datasets.iter_file(path)
+
+
+class ProduceFailed(Fatal):
+    """Some events were not acknowledged by the broker."""
+
+
+class SendCheck:
+    """Counts sends that failed, when refused or once the broker answered (sender thread)."""
+
+    def __init__(self) -> None:
+        self.failed = 0
+        self.first: BaseException | None = None
+        self._lock = threading.Lock()
+
+    def failure(self, exc: BaseException) -> None:
+        with self._lock:
+            self.failed += 1
+            if self.first is None:
+                self.first = exc
 
 
 class RateLimiter:
@@ -60,7 +83,9 @@ def produce(cfg: KafkaSettings, events: Iterable[dict[str, Any] | bytes], *,
     """Send ``events`` (dicts, or raw bytes passed through as they are); returns the count.
 
     ``stamp`` adds ``produced_at`` (epoch seconds) for end-to-end latency
-    measurement; ``on_sent(event, future)`` sees each send's future.
+    measurement; ``on_sent(event, future)`` sees each send's future. Every send
+    is checked: if any was refused or not acknowledged, :class:`ProduceFailed`
+    says how many (after the rest were sent).
     """
     require_topics(cfg, [cfg.topic, cfg.dlq_topic])
     producer = make_producer(cfg)
@@ -72,6 +97,7 @@ def produce(cfg: KafkaSettings, events: Iterable[dict[str, Any] | bytes], *,
 
         bar = tqdm(total=limit, unit="ev", desc=f"produce → {cfg.topic}", smoothing=0.1)
     pacer = RateLimiter(rate)
+    check = SendCheck()
     n = 0
     t0 = last_log = time.monotonic()
     try:
@@ -84,10 +110,15 @@ def produce(cfg: KafkaSettings, events: Iterable[dict[str, Any] | bytes], *,
                 uid = ev.get("user_id")
                 key = None if uid is None else str(uid).encode()
                 value = encode_event(ev)
-            future = producer.send(cfg.topic, key=key, value=value)
-            if on_sent:
-                on_sent(ev, future)
             n += 1
+            try:
+                future = producer.send(cfg.topic, key=key, value=value)
+            except KafkaError as exc:  # refused before sending (size, metadata timeout)
+                check.failure(exc)
+            else:
+                future.add_errback(check.failure)
+                if on_sent:
+                    on_sent(ev, future)
             if bar is not None:
                 bar.update(1)
             elif time.monotonic() - last_log >= 5:
@@ -99,6 +130,9 @@ def produce(cfg: KafkaSettings, events: Iterable[dict[str, Any] | bytes], *,
         producer.close(timeout=10)
         if bar is not None:
             bar.close()
+    if check.failed:
+        raise ProduceFailed(f"{check.failed} of {n} events could not be sent to {cfg.topic} "
+                            f"(first error: {describe(check.first)})")
     elapsed = time.monotonic() - t0
     log.info("produced %d events to %s in %.1f s (%.0f ev/s)", n, cfg.topic, elapsed,
              n / elapsed if elapsed else 0.0)

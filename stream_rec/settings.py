@@ -77,6 +77,13 @@ class KafkaSettings(Section):
     partitions: int = Field(4, ge=1)  # for topics created by stream-rec (clicks and DLQ)
     # 3 on a production cluster; -1 takes the broker's default.replication.factor.
     replication_factor: int = Field(1, ge=-1)
+    # Producers' batch compression (the worker's dead letters, `stream-rec produce`,
+    # re-drives and copies). Consumers read every codec whatever this says.
+    compression_type: Literal["gzip", "snappy", "lz4", "zstd"] | None = None
+    # The largest request, hence record, a producer sends (bytes). Kafka's own
+    # default for producers and for brokers' message.max.bytes; raise both
+    # together. Dead letters are cut to fit it (and flagged value.truncated).
+    max_request_size: int = Field(1_048_576, ge=4096)
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     # TLS (security_protocol SSL or SASL_SSL): PEM files.
     ssl_cafile: str | None = None  # CA bundle that signed the brokers' certificates
@@ -160,6 +167,15 @@ class WorkerSettings(Section):
     # /healthz answers 503 once the broker has not answered (records, heartbeat
     # or commit) for this long.
     stall_after_s: float = Field(30.0, gt=0)
+    # What to do when the snapshot's offsets are outside a partition's log (past
+    # its end: the topic was deleted and recreated; below its start: retention
+    # deleted events never read) or the topic was recreated under the worker.
+    # "fail" (default): one-line error, exit 1, nothing consumed. "earliest":
+    # resume at the log start. "latest": resume at the log end (skip what it holds).
+    on_offset_out_of_range: Literal["fail", "earliest", "latest"] = "fail"
+    # An idle worker confirms this often that its topic still exists and is the
+    # same one (a check also runs before every publish).
+    topic_check_interval_s: float = Field(5.0, gt=0)
 
 
 class StoreSettings(Section):

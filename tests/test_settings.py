@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from stream_rec.cli import main
-from stream_rec.settings import load_settings
+from stream_rec.settings import SettingsError, load_settings
 
 
 def test_env_overrides_file_and_flags_override_env(tmp_path: Path,
@@ -87,3 +87,18 @@ def test_argument_errors_are_one_line(argv: list[str],
 
 def test_log_level_is_case_insensitive(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "--log-level", "debug"]) == 0
+
+
+def test_kafka_edge_settings_reach_the_clients(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAM_REC_KAFKA__COMPRESSION_TYPE", "zstd")
+    monkeypatch.setenv("STREAM_REC_WORKER__ON_OFFSET_OUT_OF_RANGE", "earliest")
+    s = load_settings()
+    assert (s.kafka.compression_type, s.worker.on_offset_out_of_range) == ("zstd", "earliest")
+    assert s.kafka.max_request_size == 1_048_576  # Kafka's own default
+    monkeypatch.setenv("STREAM_REC_KAFKA__COMPRESSION_TYPE", "brotli")
+    with pytest.raises(SettingsError, match="compression_type"):
+        load_settings()
+    monkeypatch.setenv("STREAM_REC_KAFKA__COMPRESSION_TYPE", "lz4")
+    monkeypatch.setenv("STREAM_REC_WORKER__ON_OFFSET_OUT_OF_RANGE", "skip")
+    with pytest.raises(SettingsError, match="on_offset_out_of_range"):
+        load_settings()

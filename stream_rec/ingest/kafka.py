@@ -26,26 +26,37 @@ class TopicMissing(RuntimeError):
 
 
 def make_producer(cfg: KafkaSettings, **overrides: Any) -> KafkaProducer:
-    """A producer that waits for all replicas and batches briefly (5 ms)."""
+    """A producer that waits for all replicas and batches briefly (5 ms).
+
+    Compression and the largest request follow ``kafka.compression_type`` and
+    ``kafka.max_request_size``. Sends are asynchronous: callers check each
+    future (or flush and check), since a rejected record raises nowhere else.
+    """
     kw: dict[str, Any] = {"acks": "all", "linger_ms": 5, "retries": 5,
-                          "max_request_size": 4 * 1024 * 1024}
+                          "max_request_size": cfg.max_request_size,
+                          "compression_type": cfg.compression_type}
     kw["allow_auto_create_topics"] = cfg.create_topics
     kw.update(overrides)
     return _connect(cfg, KafkaProducer, "producer", kw)
 
 
 def make_consumer(cfg: KafkaSettings, group_id: str | None, **overrides: Any) -> KafkaConsumer:
-    """A consumer with manual commits: offsets follow durable snapshots, never a timer."""
+    """A consumer with manual commits: offsets follow durable snapshots, never a timer.
+
+    Consumers never create topics (a broker with auto-creation on would
+    otherwise create any topic a consumer merely looks up). Every codec
+    (gzip, snappy, lz4, zstd) is read: the libraries are dependencies.
+    """
     kw: dict[str, Any] = {
         "group_id": group_id,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
+        "allow_auto_create_topics": False,
         "session_timeout_ms": cfg.session_timeout_ms,
         "heartbeat_interval_ms": cfg.heartbeat_interval_ms,
         "max_poll_interval_ms": cfg.max_poll_interval_ms,
         "fetch_max_wait_ms": 50,
         "max_partition_fetch_bytes": 4 * 1024 * 1024,
-        "allow_auto_create_topics": cfg.create_topics,
     }
     kw.update(overrides)
     return _connect(cfg, KafkaConsumer, "consumer", kw)

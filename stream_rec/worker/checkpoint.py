@@ -105,7 +105,7 @@ class Checkpoint:
         target = dict(published.offsets.get(self.topic, {})) if published else {}
         if target == self.offsets and not force:
             return model  # nothing learnt since the last durable version
-        log.warning("discarding events learnt after version %s (offsets %s -> %s)",
+        log.warning("rewinding: discarding events learnt after version %s (offsets %s -> %s)",
                     published.version if published else None, self.offsets, target)
         snapshot = self.store.load(published.version) if published else None
         if snapshot is None:
@@ -120,6 +120,20 @@ class Checkpoint:
         self._changed_items.clear()
         self.dirty = False
         return model
+
+    def reposition(self, offsets: dict[int, int]) -> None:
+        """Hold ``offsets`` instead, without learning anything (a reset the operator chose).
+
+        The next version records them, so a restart resumes where reading
+        really resumed rather than at offsets the log no longer serves.
+        """
+        self.offsets = dict(offsets)
+        self.dirty = True
+
+    def published_offsets(self) -> dict[int, int]:
+        """The offsets of the newest durable version (where a restart would resume)."""
+        published = self.publisher.parent if self.publisher is not None else self.restored
+        return dict(published.offsets.get(self.topic, {})) if published else {}
 
     def _hold(self, m: Manifest) -> None:
         self.offsets = dict(m.offsets.get(self.topic, {}))

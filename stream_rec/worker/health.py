@@ -39,6 +39,7 @@ class Health:
         self.last_contact = time.monotonic()
         self.last_records: float | None = None
         self.last_commit: float | None = None
+        self.waiting: str | None = None  # why the worker cannot consume yet (no topic)
         self._reported = False
 
     def polled(self, consumer: Any, got_records: bool) -> None:
@@ -68,6 +69,11 @@ class Health:
     def committed(self) -> None:
         self.last_commit = self.last_contact = time.monotonic()
 
+    def wait_for(self, reason: str | None) -> None:
+        """The worker waits (``reason``), or no longer does (None); the broker answered."""
+        self.waiting = reason
+        self.last_contact = time.monotonic()
+
     def _log_transition(self, now: float) -> None:
         stalled = now - self.last_contact > self.stall_after_s
         if stalled and not self._reported:
@@ -83,7 +89,7 @@ class Health:
 
     def status(self) -> tuple[bool, dict[str, Any]]:
         """(healthy, details) for the health endpoint."""
-        if self.role == "starting":
+        if self.role == "starting" and self.waiting is None:
             return True, {"status": "starting", "role": "starting"}
         if self.role == "standby":
             expires = self.lease_expires_at
@@ -99,6 +105,10 @@ class Health:
             else round(now - self.last_records, 1),
             "seconds_since_commit": None if self.last_commit is None
             else round(now - self.last_commit, 1)}
+        if self.waiting is not None:
+            body["status"] = "waiting"
+            body["reason"] = self.waiting
+            return False, body
         if age > self.stall_after_s:
             body["status"] = "stalled"
             body["reason"] = (f"no successful poll, heartbeat or commit for {age:.0f} s "
@@ -141,7 +151,11 @@ class LeaseKeeper:
 
 def serve_health(check: Callable[[], tuple[bool, dict[str, Any]]], registry: CollectorRegistry,
                  port: int, host: str = "127.0.0.1") -> ThreadingHTTPServer:
-    """``/healthz`` (200, or 503 with the reason) and ``/metrics`` on a daemon thread."""
+    """``/healthz`` (200, or 503 with the reason) and ``/metrics`` on a daemon thread.
+
+    503 means the worker cannot make progress: the broker stalled, or the topic
+    it consumes does not exist yet (``status`` "stalled" or "waiting").
+    """
 
     class Handler(BaseHTTPRequestHandler):
         timeout = 10  # seconds a client may take to send its request (socket timeout)

@@ -13,6 +13,8 @@ commit sequence. A worker that loses the lease, or loses the race for a
 version number to another writer, is fenced: it publishes nothing more and
 exits non-zero. Following the live group or replaying a bounded range is the
 choice of source (:mod:`.source`), not a branch through the loop.
+Before a version is published the :class:`~.topic.TopicGuard` confirms that
+the topic is still the one its offsets refer to (:meth:`Worker.confirm_topic`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from stream_rec.snapshot.publisher import FullPolicy
 from .checkpoint import Checkpoint, NonFinite
 from .health import Health, LeaseKeeper, serve_health
 from .source import BoundedSource, Bounds, GroupSource
+from .topic import TopicGuard
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +72,17 @@ class Worker:
             FullPolicy(max_chain=settings.worker.full_every_versions,
                        max_age_s=settings.worker.full_every_s),
             on_durable=self._durable)
-        self.source: GroupSource | BoundedSource = (
-            GroupSource(self.kafka, lambda: self.checkpoint.offsets, self.rewind_to_published)
-            if bounds is None else
-            BoundedSource(self.kafka, bounds, lambda: self.checkpoint.offsets))
-        self.model: StreamingModel | None = None
         self.health = Health(settings.worker.stall_after_s)
         self.contract = Contract(settings.events)
         self._unpublished: list[Any] = []  # records applied since the last version submitted
+        self.guard = TopicGuard(self.kafka, settings.worker.on_offset_out_of_range,
+                                held=lambda: self.checkpoint.offsets,
+                                reposition=self.checkpoint.reposition,
+                                on_wait=self.health.wait_for)
+        self.source: GroupSource | BoundedSource = (
+            GroupSource(self.kafka, self.guard, self.rewind_to_published)
+            if bounds is None else BoundedSource(self.kafka, bounds, self.guard))
+        self.model: StreamingModel | None = None
 
     # -- what the checkpoint holds, for callers and tests -------------------
     @property
@@ -149,12 +155,17 @@ class Worker:
         if self.stop_requested.is_set():
             log.info("stop requested while starting: exiting before consuming")
             return 0
-        require_topics(self.kafka, [self.kafka.topic, self.kafka.dlq_topic])
-        dlq = DeadLetterWriter(make_producer(self.kafka), self.kafka.dlq_topic)
-        self.source.open()
+        # The consumed topic is never created here: the source waits for it.
+        if not self.source.open(self.stop_requested):
+            self.guard.close()
+            log.info("stopped while waiting for topic %s", self.kafka.topic)
+            return 0
         self.health.active()
+        # Dead letters: their topic is created when missing if kafka.create_topics allows.
+        require_topics(self.kafka, [self.kafka.dlq_topic])
+        dlq = DeadLetterWriter(make_producer(self.kafka), self.kafka.dlq_topic)
         publisher = self.checkpoint.start_publisher()
-        last_publish = time.monotonic()
+        last_publish = last_check = time.monotonic()
         try:
             while not self.stop_requested.is_set() and not self.reached_end():
                 self._check_lease()
@@ -162,15 +173,20 @@ class Worker:
                 if records:
                     self.apply(records, dlq)
                 self.commit_published()
-                due = time.monotonic() - last_publish >= wcfg.publish_interval_ms / 1000.0
-                if self.checkpoint.dirty and due and not publisher.busy() \
-                        and self.source.may_publish():
-                    self._check_lease()
-                    self.publish(dlq)
-                    last_publish = time.monotonic()
+                if publisher.busy():
+                    continue
+                now = time.monotonic()
+                publish = self.checkpoint.dirty and self.source.may_publish() \
+                    and now - last_publish >= wcfg.publish_interval_ms / 1000.0
+                if publish or now - last_check >= wcfg.topic_check_interval_s:
+                    last_check = now
+                    if self.confirm_topic() and publish:
+                        self._check_lease()
+                        self.publish(dlq)
+                        last_publish = time.monotonic()
             # Shutdown: let the version in flight land, publish the rest, commit.
             publisher.wait_idle()
-            if self.checkpoint.dirty and self.source.may_publish():
+            if self.checkpoint.dirty and self.source.may_publish() and self.confirm_topic():
                 self._check_lease()
                 self.publish(dlq)
                 publisher.wait_idle()
@@ -181,9 +197,30 @@ class Worker:
         finally:
             publisher.close()
             self.source.close()
+            self.guard.close()
             dlq.close()
         log.info("worker stopped at version %s, offsets %s", self.version, self.offsets)
         return 0
+
+    def confirm_topic(self) -> bool:
+        """May what the worker holds be published? Only while the topic is the one it read.
+
+        Records read after the topic was deleted and recreated come from the
+        new topic at the old offsets (some brokers serve them without an
+        error), so on a new topic id nothing since the last version is
+        published: under ``worker.on_offset_out_of_range = "fail"`` (and
+        always for a bounded run) the worker stops with the offsets it was at
+        and the new log's; otherwise it rewinds to the last version and every
+        partition resumes at the new topic's start (or end).
+        """
+        verdict = self.guard.confirm()
+        if verdict != "recreated":
+            return verdict == "same"
+        if self.guard.policy == "fail" or not self.source.resets_on_recreation:
+            self.guard.recreated(held=self.checkpoint.published_offsets(), policy="fail")
+        self.rewind_to_published()
+        self.source.seek(self.guard.recreated())
+        return True
 
     def publish(self, dlq: DeadLetterWriter) -> None:
         """Hand the next version to the publisher -- unless training made the model non-finite.

@@ -2,12 +2,16 @@
 
 Both sources position every partition at the offsets of the version the
 worker holds (its checkpoint), so what was published is never read twice and
-what was not is never skipped. They differ in what "done" and "commit" mean:
+what was not is never skipped; the :class:`~.topic.TopicGuard` checks those
+offsets against each partition's log first, and the consumers never reset an
+offset on their own (``auto_offset_reset="none"``: a fetch out of range raises
+and goes through the same check). They differ in what "done" and "commit" mean:
 
 - :class:`GroupSource` follows the topic as a member of the consumer group.
-  It seeks on assignment, rewinds the worker when partitions are revoked or
-  lost, commits only partitions it owns, and refuses to publish after a batch
-  overran ``max_poll_interval_ms`` (the member was evicted).
+  It checks and seeks after each assignment, rewinds the worker when
+  partitions are revoked or lost, commits only partitions it owns, and refuses
+  to publish after a batch overran ``max_poll_interval_ms`` (the member was
+  evicted).
 - :class:`BoundedSource` replays explicit partitions up to fixed end offsets
   (``stream-rec replay``): manual assignment, no group, no commits; the
   snapshot alone records progress, which makes a replay resumable.
@@ -16,17 +20,20 @@ what was not is never skipped. They differ in what "done" and "commit" mean:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, TopicPartition
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import CommitFailedError, KafkaError, OffsetOutOfRangeError
 from kafka.structs import OffsetAndMetadata
 
 from stream_rec.ingest.kafka import make_consumer
 from stream_rec.settings import KafkaSettings
+
+from .topic import TopicGuard
 
 log = logging.getLogger(__name__)
 
@@ -49,29 +56,69 @@ class Bounds:
 class GroupSource:
     """The live topic, as a member of ``kafka.group_id``.
 
-    ``positions()`` returns the offsets of the state the worker holds;
-    ``on_lost()`` is called when partitions are revoked or lost and must bring
-    the worker back to its newest durable version (whose offsets
-    ``positions()`` then returns, and where the assignment seeks).
+    ``guard`` knows the offsets of the state the worker holds and where each
+    partition resumes; ``on_lost()`` is called when partitions are revoked or
+    lost and must bring the worker back to its newest durable version (whose
+    offsets the guard then holds, and where the assignment seeks).
     """
 
-    def __init__(self, kafka: KafkaSettings, positions: Callable[[], Offsets],
+    resets_on_recreation = True  # a recreated topic may be followed (worker.on_offset_out_of_range)
+
+    def __init__(self, kafka: KafkaSettings, guard: TopicGuard,
                  on_lost: Callable[[], None]) -> None:
         self.kafka = kafka
-        self.positions = positions
+        self.guard = guard
         self.on_lost = on_lost
         self.consumer: Any = None
         self.generation = 0  # rebalances so far: records polled before one are stale
         self.last_poll = time.monotonic()
+        self.unplaced: set[TopicPartition] = set()  # assigned, paused until checked
+        self.closing = False
 
-    def open(self) -> None:
-        self.consumer = make_consumer(self.kafka, self.kafka.group_id)
+    def open(self, stop: threading.Event) -> bool:
+        """Wait for the topic (never creating it), then join the group; False if stopped first."""
+        if not self.guard.wait(stop):
+            return False
+        self.consumer = make_consumer(self.kafka, self.kafka.group_id, auto_offset_reset="none")
         self.consumer.subscribe([self.kafka.topic], listener=SeekToCheckpoint(self))
+        return True
 
     def poll(self, timeout_ms: int, max_records: int) -> dict[Any, list[Any]]:
-        got = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        """Records by partition, after placing partitions the last rebalance assigned.
+
+        Placing (checking the held offsets against the log, which may read the
+        log's tail) happens here, after ``poll`` returns, rather than in the
+        rebalance callback: kafka-python runs the callback inside its network
+        loop and turns an exception raised there into a logged stack trace.
+        Raises :class:`~.topic.OffsetsOutOfRange` under ``"fail"``.
+        """
+        try:
+            got = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        except OffsetOutOfRangeError as exc:  # the log moved under a position (retention)
+            moved = set(exc.args[0])
+            self.consumer.pause(*moved)
+            self.unplaced |= moved  # placed below, like a new assignment
+            got = {}
         self.last_poll = time.monotonic()
+        if self.unplaced:
+            owned = self.unplaced & self.consumer.assignment()
+            try:
+                positions = self.guard.positions(tp.partition for tp in owned) if owned else {}
+            except KafkaError as exc:  # the broker did not answer: still parked, next poll
+                log.warning("could not check where partitions resume (retrying): %s", exc)
+                return got
+            self.unplaced = set()
+            if owned:
+                self.seek(positions)
+                self.consumer.resume(*owned)
         return got
+
+    def seek(self, positions: Offsets) -> None:
+        """Move the owned partitions among ``positions`` there."""
+        for tp in self.consumer.assignment():
+            if tp.partition in positions:
+                self.consumer.seek(tp, positions[tp.partition])
+        log.info("resuming at %s", {p: o for p, o in sorted(positions.items())})
 
     def admit(self, records: list[Any]) -> tuple[list[Any], Offsets]:
         """Records to apply, and partitions known complete (none: the topic never ends)."""
@@ -116,6 +163,7 @@ class GroupSource:
             return False
 
     def close(self) -> None:
+        self.closing = True  # leaving the group revokes everything: no rewind needed
         if self.consumer is not None:
             self.consumer.close(autocommit=False)
 
@@ -131,7 +179,7 @@ class SeekToCheckpoint(ConsumerRebalanceListener):
 
     def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
-        if revoked:
+        if revoked and not self.source.closing:
             self.source.generation += 1
             self.source.on_lost()
 
@@ -143,43 +191,57 @@ class SeekToCheckpoint(ConsumerRebalanceListener):
             self.source.on_lost()
 
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Park the new partitions: paused at the held offsets until ``poll`` has checked them."""
+        if not assigned:
+            return
         consumer = self.source.consumer
-        offsets = self.source.positions()
-        fresh = []
+        held = self.source.guard.held()
         for tp in assigned:
-            offset = offsets.get(tp.partition)
-            if offset is None:
-                fresh.append(tp)
-            else:
-                consumer.seek(tp, offset)
-        if fresh:
-            consumer.seek_to_beginning(*fresh)
-        log.info("partitions assigned: %s (from snapshot offsets %s)",
-                 sorted(tp.partition for tp in assigned), offsets)
+            consumer.seek(tp, held.get(tp.partition, 0))
+        consumer.pause(*assigned)
+        self.source.unplaced |= set(assigned)
+        log.info("partitions assigned: %s (held offsets %s)",
+                 sorted(tp.partition for tp in assigned), held)
 
 
 class BoundedSource:
-    """Explicit partitions from the held version's offsets (else ``bounds.start``) to ``stop``."""
+    """Explicit partitions from the held version's offsets (else ``bounds.start``) to ``stop``.
 
-    def __init__(self, kafka: KafkaSettings, bounds: Bounds,
-                 positions: Callable[[], Offsets]) -> None:
+    The held offsets are checked against the log like a group assignment's
+    (``bounds.start`` stands in where none are held); a topic recreated during
+    the run always fails it, since its range was resolved on the old topic.
+    """
+
+    resets_on_recreation = False
+
+    def __init__(self, kafka: KafkaSettings, bounds: Bounds, guard: TopicGuard) -> None:
         self.kafka = kafka
         self.bounds = bounds
-        self.positions = positions
+        self.guard = guard
         self.consumer: Any = None
         self.generation = 0  # no group, no rebalances
 
-    def open(self) -> None:
-        self.consumer = make_consumer(self.kafka, None)
+    def open(self, stop: threading.Event) -> bool:
+        self.guard.require()
+        positions = self.guard.positions(self.bounds.stop,
+                                         held={**self.bounds.start, **self.guard.held()})
+        self.consumer = make_consumer(self.kafka, None, auto_offset_reset="none")
         parts = [TopicPartition(self.kafka.topic, p) for p in sorted(self.bounds.stop)]
         self.consumer.assign(parts)
-        offsets = self.positions()
-        for tp in parts:
-            self.consumer.seek(tp, offsets.get(tp.partition,
-                                               self.bounds.start.get(tp.partition, 0)))
+        self.seek(positions)
+        return True
 
     def poll(self, timeout_ms: int, max_records: int) -> dict[Any, list[Any]]:
-        return self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        try:
+            return self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        except OffsetOutOfRangeError as exc:  # the log moved under a position (retention)
+            self.seek(self.guard.positions(tp.partition for tp in exc.args[0]))
+            return {}
+
+    def seek(self, positions: Offsets) -> None:
+        for p, offset in positions.items():
+            if p in self.bounds.stop:
+                self.consumer.seek(TopicPartition(self.kafka.topic, p), offset)
 
     def admit(self, records: list[Any]) -> tuple[list[Any], Offsets]:
         """Records below each partition's stop, and the partitions whose range is done.

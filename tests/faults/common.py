@@ -11,6 +11,7 @@ import collections
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from stream_rec import datasets
 from stream_rec.events import encode_event
@@ -77,6 +78,29 @@ class Feeder:
     def join(self, timeout_s: float = 120) -> None:
         self._thread.join(timeout_s)
         assert not self._thread.is_alive(), "the producer did not finish"
+
+
+def send_acked(cfg: KafkaSettings, events: list[dict], partition: int | None = None,
+               producer: Any = None) -> tuple[list[tuple[str, str]], dict[int, int]]:
+    """Send ``events`` keyed by user (to ``partition`` if given) and wait for every ack.
+
+    Returns the (user, item) of each acknowledged event and each partition's
+    next offset after them; any send that fails raises.
+    """
+    own = producer is None
+    producer = producer or make_producer(cfg)
+    futures = [(producer.send(cfg.topic, key=ev["user_id"].encode(), value=encode_event(ev),
+                              partition=partition), ev) for ev in events]
+    producer.flush()
+    acked: list[tuple[str, str]] = []
+    ends: dict[int, int] = {}
+    for fut, ev in futures:
+        md = fut.get(30)
+        acked.append((ev["user_id"], ev["item_id"]))
+        ends[md.partition] = max(ends.get(md.partition, 0), md.offset + 1)
+    if own:
+        producer.close()
+    return acked, ends
 
 
 def published_offsets(store: SnapshotStore, topic: str) -> dict[int, int]:

@@ -25,6 +25,7 @@ from stream_rec.settings import Settings
 from stream_rec.snapshot import SnapshotStore
 from stream_rec.worker import Worker
 from stream_rec.worker.source import SeekToCheckpoint
+from stream_rec.worker.topic import Ranges, TopicInfo
 
 TOPIC = "clicks"
 
@@ -44,6 +45,7 @@ class ScriptedConsumer:
         self.owned = owned
         self.seeks: dict[int, int] = {}
         self.commits: list[dict[int, int]] = []
+        self.paused: set[int] = set()
 
     def poll(self, timeout_ms: int = 0, max_records: int = 0) -> dict:
         if not self.script:
@@ -56,6 +58,12 @@ class ScriptedConsumer:
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self.seeks[tp.partition] = offset
+
+    def pause(self, *tps: TopicPartition) -> None:
+        self.paused.update(tp.partition for tp in tps)
+
+    def resume(self, *tps: TopicPartition) -> None:
+        self.paused.difference_update(tp.partition for tp in tps)
 
     def seek_to_beginning(self, *tps: TopicPartition) -> None:
         for tp in tps:
@@ -79,6 +87,20 @@ class DeadLetters:
         pass
 
 
+class ScriptedTopic:
+    """The broker's view of the topic, scripted: its id and each partition's log range."""
+
+    def __init__(self, ranges: Ranges, topic_id: str = "id-1") -> None:
+        self.log = dict(ranges)
+        self.topic_id = topic_id
+
+    def describe(self) -> TopicInfo:
+        return TopicInfo(self.topic_id, tuple(sorted(self.log)))
+
+    def ranges(self, _kafka: Any, _topic: str, partitions: Any, _held: Any) -> Ranges:
+        return {p: self.log[p] for p in partitions}
+
+
 class NoDeadLetters:
     def send(self, err: Any) -> None:
         raise AssertionError(f"unexpected dead letter {err}")
@@ -87,16 +109,22 @@ class NoDeadLetters:
         pass
 
 
-def _worker(tmp_path: Path, consumer: ScriptedConsumer) -> Worker:
+def _worker(tmp_path: Path, consumer: ScriptedConsumer, topic: ScriptedTopic | None = None,
+            policy: str = "fail") -> Worker:
     settings = Settings()
     settings.kafka.topic = TOPIC
     settings.worker.device = "cpu"
+    settings.worker.on_offset_out_of_range = policy  # type: ignore[assignment]
     settings.model.dim = 8
     settings.model.negatives = 16
     worker = Worker(settings, store=SnapshotStore(tmp_path / "store"))
     worker.model = StreamingModel(settings.model, device="cpu")
     worker.checkpoint.start_publisher()
     worker.source.consumer = consumer
+    topic = topic or ScriptedTopic({0: (0, 1000), 1: (0, 1000)})
+    worker.guard.describe = topic.describe  # type: ignore[method-assign]
+    worker.guard.ranges = topic.ranges
+    worker.guard.known = topic.describe()
     return worker
 
 
