@@ -2,7 +2,8 @@
 
 Sources: MovieLens-100K in timestamp order, a JSONL/CSV file, or the synthetic
 generator with a planted preference structure. The key is the user id, so a
-user's events stay in order on one partition.
+user's events stay in order on one partition. With ``--items`` the dataset's
+catalogue (item metadata) goes to the catalogue topic instead, keyed by item id.
 """
 
 from __future__ import annotations
@@ -36,6 +37,16 @@ def open_source(source: str, *, seed: int = 0) -> Iterator[dict[str, Any] | byte
     return datasets.iter_file(path)
 
 
+def open_item_source(source: str) -> Iterator[dict[str, Any] | bytes]:
+    """Catalogue items of ``ml-100k``, or of a .jsonl/.csv file of item objects."""
+    if source == "ml-100k":
+        return datasets.iter_ml100k_items()
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such catalogue: {source!r} (use ml-100k or a .jsonl path)")
+    return datasets.iter_file(path)
+
+
 class RateLimiter:
     """Paces a loop to ``rate`` iterations per second (0 = unlimited) without drift."""
 
@@ -56,13 +67,19 @@ class RateLimiter:
 def produce(cfg: KafkaSettings, events: Iterable[dict[str, Any] | bytes], *,
             limit: int | None = None, rate: float = 0.0, stamp: bool = True,
             progress: bool | None = None,
-            on_sent: Callable[[dict[str, Any] | bytes, Any], None] | None = None) -> int:
+            on_sent: Callable[[dict[str, Any] | bytes, Any], None] | None = None,
+            topic: str | None = None, key_field: str = "user_id") -> int:
     """Send ``events`` (dicts, or raw bytes passed through as they are); returns the count.
 
     ``stamp`` adds ``produced_at`` (epoch seconds) for end-to-end latency
-    measurement; ``on_sent(event, future)`` sees each send's future.
+    measurement; ``on_sent(event, future)`` sees each send's future. ``topic``
+    (default ``cfg.topic``) and ``key_field`` (the field whose value keys the
+    message) let the same loop send the catalogue: items go to
+    ``cfg.items_topic`` keyed by ``item_id``, so an item's updates stay in
+    order on one partition.
     """
-    ensure_topics(cfg, [cfg.topic, cfg.dlq_topic])
+    topic = topic or cfg.topic
+    ensure_topics(cfg, [topic, topic + cfg.dlq_suffix])
     producer = make_producer(cfg)
     stream = itertools.islice(events, limit) if limit else events
     show_bar = sys.stderr.isatty() if progress is None else progress
@@ -70,7 +87,7 @@ def produce(cfg: KafkaSettings, events: Iterable[dict[str, Any] | bytes], *,
     if show_bar:
         from tqdm import tqdm
 
-        bar = tqdm(total=limit, unit="ev", desc=f"produce → {cfg.topic}", smoothing=0.1)
+        bar = tqdm(total=limit, unit="ev", desc=f"produce → {topic}", smoothing=0.1)
     pacer = RateLimiter(rate)
     n = 0
     t0 = last_log = time.monotonic()
@@ -81,10 +98,10 @@ def produce(cfg: KafkaSettings, events: Iterable[dict[str, Any] | bytes], *,
             else:
                 if stamp:
                     ev = {**ev, "produced_at": time.time()}
-                uid = ev.get("user_id")
-                key = None if uid is None else str(uid).encode()
+                kid = ev.get(key_field)
+                key = None if kid is None else str(kid).encode()
                 value = encode_event(ev)
-            future = producer.send(cfg.topic, key=key, value=value)
+            future = producer.send(topic, key=key, value=value)
             if on_sent:
                 on_sent(ev, future)
             n += 1
@@ -100,6 +117,6 @@ def produce(cfg: KafkaSettings, events: Iterable[dict[str, Any] | bytes], *,
         if bar is not None:
             bar.close()
     elapsed = time.monotonic() - t0
-    log.info("produced %d events to %s in %.1f s (%.0f ev/s)", n, cfg.topic, elapsed,
+    log.info("produced %d events to %s in %.1f s (%.0f ev/s)", n, topic, elapsed,
              n / elapsed if elapsed else 0.0)
     return n

