@@ -3,35 +3,44 @@
 
 Prequential evaluation on ML-100K as in ``stream_rec.evaluation.run_eval``
 (micro-batches of 1,000, each event ranked before it is learned, seen items
-excluded), with three slices counted in one run:
+excluded, unknown users served by popularity), with three slices in one run:
 
 * ``overall``: the usual 1-in-25 sample after the 10 % warm-up (offset = seed),
   3,600 events, comparable with ``stream-rec eval``;
-* ``cold``: every event after the warm-up whose item had 1-9 earlier events;
-* ``first``: every event after the warm-up that is its item's first event
-  (only an item that is in the catalogue before its first click can be hit).
+* ``cold``: every event after the warm-up whose item had 1-9 earlier events
+  (6,538 events);
+* ``first``: every event after the warm-up that is its item's first (559): only
+  an item that is in the model before its first click can be hit.
 
-Variants (all on the default ``ModelConfig``, model seed = ``seed``):
+How content enters (``--variant``; default ``ModelConfig`` with seed = ``seed``):
 
-* ``base``: the model as it is; ``none``: the same through this subclass (with
-  ``--announce``: announced items get the default random row, no content).
+* ``base``: the model as it is (no content at all).
+* ``none``: the same model through this subclass (identical results); with
+  ``--announce`` an announced item gets the default random row at once.
 * ``ridge``: content-initialised rows: a new item's row starts at ``x M``, where
   ``M`` (384 x D) is a ridge map from text vectors to the rows of items with at
-  least 10 events, refitted at every training chunk; it then moves with clicks.
-* ``joint``: every item's vector is ``free_i + W x_i`` with ``W`` (384 x D)
-  trained by Adagrad on the same sampled-softmax gradients as the rows; a new
-  item's free row starts as the default random row. (The tables keep the
-  effective vectors; a step that changes ``W`` by ``dW`` adds ``X dW`` to every
-  row, which is the same thing.)
+  least 10 events, refitted at every training chunk; the row then moves with
+  clicks like any other.
+* ``joint``: every item's vector is ``free_i + W x_i``, ``W`` (384 x D) trained
+  by Adagrad on the same sampled-softmax gradients as the rows. (The tables
+  keep the effective vectors: a step that changes ``W`` by ``dW`` adds ``X dW``
+  to every row.)
 
 ``--announce`` puts each item in the model when the catalogue announces it
-(``datasets.iter_ml100k_items``: one hour before its first rating), so it has a
-row, with its content vector, before its first click.
+(``datasets.iter_ml100k_items``: one hour before its first rating).
 
-The text vectors come from the product's own encoder and cache
+``--alphas`` adds, at scoring time only, a content term for young items (at most
+9 events, announced ones included): ``score_i += alpha * g_u * cos(x_u, x_i)``,
+where ``x_u`` is the user's history of text vectors weighted ``recency ** h``
+(h = 0 newest) and, with ``--tail-gate``, ``g_u`` is the user's share of recent
+items (weighted ``0.6 ** h``) that have at most 12 events (1 otherwise). Each
+alpha is ranked on the same trained model in the same run, so its cost is
+measured paired; ``alpha = 0`` is that model without the term.
+
+Text vectors come from the product's encoder, featurizer and disk cache
 (``stream_rec.content``). The model file is not edited: this script subclasses
-``StreamingModel`` and wraps its row update to read the rows' gradient. One
-line of JSON per run; ``--table`` prints a summary over seeds from a JSONL file.
+``StreamingModel`` and wraps its row update to read the rows' gradient. One JSON
+line per run; ``--table`` prints a Markdown summary over seeds from a JSONL file.
 """
 
 from __future__ import annotations
@@ -52,21 +61,12 @@ sys.path.insert(0, str(ROOT))
 
 from stream_rec import datasets
 from stream_rec.content import EmbeddingCache, Featurizer, SentenceEncoder
-from stream_rec.evaluation import _Metrics, _model_rank
+from stream_rec.evaluation import _Metrics, _model_rank, _rank
 from stream_rec.model import ModelConfig, StreamingModel
 from stream_rec.model import streaming as streaming_mod
 
 _ADAGRAD_ROWS = streaming_mod._adagrad_rows
-
-
-def text_vectors(items: list[dict[str, Any]], cache_dir: str) -> dict[str, np.ndarray]:
-    """item id -> (384,) unit text vector, through the product's featurizer and disk cache."""
-    with EmbeddingCache(cache_dir) as cache:
-        enc = _LazyEncoder()
-        with Featurizer(enc, cache, batch_size=128) as fz:
-            fz.submit_many(items)
-            fz.wait_idle()
-            return fz.take_ready()
+YOUNG_MAX_EVENTS = 9
 
 
 class _LazyEncoder:
@@ -83,47 +83,37 @@ class _LazyEncoder:
         return self._enc.encode(texts)
 
 
-class ContentModel(StreamingModel):
-    """StreamingModel with a content part per item (see the module docstring)."""
+def text_vectors(items: list[dict[str, Any]], cache_dir: str) -> dict[str, np.ndarray]:
+    """item id -> (384,) unit text vector, through the product's featurizer and disk cache."""
+    with EmbeddingCache(cache_dir) as cache, \
+            Featurizer(_LazyEncoder(), cache, batch_size=128) as fz:
+        fz.submit_many(items)
+        fz.wait_idle()
+        return fz.take_ready()
 
-    def __init__(self, cfg: ModelConfig, content: dict[str, np.ndarray], mode: str,
-                 lr_w: float = 0.1, ridge_lambda: float = 1.0, ridge_min_events: int = 10,
-                 free_scale: float = 1.0, knn_alpha: float = 0.0, knn_max_events: int = 9,
-                 knn_recency: float = 0.6, w_init: float = 0.0, learn_alpha: float = 0.0,
-                 acc_prior: float = 0.0, neighbours: int = 20, tail_gate: bool = False,
-                 tail_events: int = 12, tail_recency: float = 0.6) -> None:
+
+class ContentModel(StreamingModel):
+    """StreamingModel with item text vectors (see the module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, content: dict[str, np.ndarray], mode: str, *,
+                 lr_w: float = 0.01, w_init: float = 0.05, free_scale: float = 1.0,
+                 ridge_lambda: float = 1.0, ridge_min_events: int = 10,
+                 recency: float = 0.9, tail_gate: bool = False, tail_events: int = 12,
+                 tail_recency: float = 0.6) -> None:
         super().__init__(cfg, device="cpu")
         assert cfg.tied, "the study covers the tied model only"
-        self.mode = mode
-        self.content = content
-        self.lr_w = lr_w
-        self.ridge_lambda = ridge_lambda
-        self.ridge_min_events = ridge_min_events
-        self.free_scale = free_scale
-        self.knn_alpha = knn_alpha
-        self.knn_max_events = knn_max_events
-        self.knn_recency = knn_recency
-        # per young-item bucket (0, 1-2, 3-5, 6-9 events) weight of the content term,
-        # learned on the training softmax when learn_alpha > 0
-        self.learn_alpha = learn_alpha
-        self.acc_prior = acc_prior    # Adagrad sum a content-initialised row starts with
-        self.neighbours = neighbours
-        # scale the term by the user's recency-weighted share of recent items that are
-        # still rare (at most tail_events events): users browsing the tail get it
-        self.tail_gate = tail_gate
-        self.tail_events = tail_events
-        self.tail_recency = tail_recency
-        self.term_on = True           # off: rank by the trained model alone (paired figures)
-        self._alpha = torch.full((4,), float(knn_alpha))
-        self._alpha_acc = torch.zeros(4)
-        self._X = torch.zeros(16, 384)
+        self.mode, self.content = mode, content
+        self.lr_w, self.free_scale = lr_w, free_scale
+        self.ridge_lambda, self.ridge_min_events = ridge_lambda, ridge_min_events
+        self.recency, self.tail_gate = recency, tail_gate
+        self.tail_events, self.tail_recency = tail_events, tail_recency
+        self._X = torch.zeros(16, 384)                 # text vector per item row
         self._has_x = np.zeros(16, dtype=bool)
         gen = torch.Generator().manual_seed(cfg.seed)
-        self._W = torch.randn(384, cfg.dim, generator=gen) * w_init
+        self._W = torch.randn(384, cfg.dim, generator=gen) * (w_init if mode == "joint" else 0)
         self._W_acc = torch.zeros(384, cfg.dim)
         self._M: torch.Tensor | None = None
-        self._content_rows: set[int] = set()   # initialised from content, skip chunk-end init
-        self.train_s = 0.0
+        self._content_rows: set[int] = set()   # initialised from content: skip chunk-end init
 
     # ------------------------------------------------------------- content rows
     def _grow_items(self, need: int) -> None:
@@ -133,57 +123,27 @@ class ContentModel(StreamingModel):
             self._X = torch.cat([self._X, torch.zeros(cap - self._X.shape[0], 384)])
             self._has_x = np.concatenate([self._has_x, np.zeros(cap - len(self._has_x), bool)])
 
-    def _content_part(self, rows: np.ndarray) -> torch.Tensor | None:
-        x = self._X[torch.as_tensor(rows)]
-        if self.mode == "knn":
-            nb = self._neighbour_mean(x)
-            return None if nb is None else nb[0]
-        if self.mode == "joint":
-            return x @ self._W
-        if self.mode == "ridge" and self._M is not None:
-            return x @ self._M
-        return None
-
-    def _neighbour_mean(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Rows (R, D) and biases (R,): similarity-weighted mean over the ``neighbours``
-        items with at least ``ridge_min_events`` events whose text is closest to ``x``."""
-        n = self.n_items
-        ok = np.flatnonzero(self._has_x[:n] & (self._i_events[:n] >= self.ridge_min_events))
-        if len(ok) < self.neighbours:
-            return None
-        rows = torch.as_tensor(ok)
-        sim = x @ self._X[rows].T                                  # (R, W)
-        top, idx = sim.topk(self.neighbours, dim=1)
-        w = torch.softmax(top / 0.05, dim=1)
-        nb = rows[idx]                                             # (R, k)
-        return (w[..., None] * self._Eout[nb]).sum(1), (w * self._B[nb]).sum(1)
-
     def _init_content_row(self, row: int, item_id: str) -> None:
+        """Record the item's text vector; in ``ridge``/``joint`` start its row from it."""
         vec = self.content.get(item_id)
         if vec is None:
             return
         self._X[row] = torch.from_numpy(np.array(vec, dtype=np.float32))
         self._has_x[row] = True
-        if self.mode == "none":
-            return
-        rows = np.array([row])
-        part = self._content_part(rows)
-        if part is None:      # no map fitted yet: the default chunk-end init
-            return
-        free = torch.zeros(1, self.cfg.dim)
-        if self.mode == "joint":
+        if self.mode == "ridge" and self._M is not None:
+            part = self._X[row] @ self._M
+            free = torch.zeros(self.cfg.dim)
+        elif self.mode == "joint":
+            part = self._X[row] @ self._W
             rng = np.random.default_rng([self.cfg.seed, 3, row])
-            free = torch.from_numpy(rng.standard_normal((1, self.cfg.dim)).astype(np.float32)
+            free = torch.from_numpy(rng.standard_normal(self.cfg.dim).astype(np.float32)
                                     * self.cfg.init_std * self.free_scale)
-        self._Eout[row] = (free + part)[0]
+        else:             # no content init (or no map fitted yet): the default row
+            return
+        self._Eout[row] = free + part
         self._Ein[row] = self._Eout[row]
         for t in (self._B, self._acc_in, self._acc_out, self._acc_b):
             t[row] = 0.0
-        if self.mode == "knn":
-            nb = self._neighbour_mean(self._X[rows])
-            if nb is not None:
-                self._B[row] = nb[1][0]
-        self._acc_out[row] = self._acc_in[row] = self.acc_prior
         self._content_rows.add(row)
 
     def announce(self, item_id: str) -> None:
@@ -195,7 +155,7 @@ class ContentModel(StreamingModel):
             return
         self._grow_items(row + 1)
         self._init_content_row(row, item_id)
-        if row not in self._content_rows:   # no content: the default random row, now
+        if row not in self._content_rows:   # the default random row, now
             rng = np.random.default_rng([self.cfg.seed, 3, row])
             self._Eout[row] = torch.from_numpy(
                 rng.standard_normal(self.cfg.dim).astype(np.float32) * self.cfg.init_std)
@@ -213,115 +173,20 @@ class ContentModel(StreamingModel):
         keep = [r for r in new_i if r not in self._content_rows]
         self._content_rows.difference_update(new_i)
         super()._init_rows(new_u, keep)
-        if self.mode == "joint" and keep:   # rows with content but no content init yet
-            rows = np.asarray([r for r in keep if self._has_x[r]], dtype=np.int64)
-            if len(rows):
-                t = torch.as_tensor(rows)
-                self._Eout[t] = self._Eout[t] * self.free_scale + self._X[t] @ self._W
-                self._Ein[t] = self._Eout[t]
-
-    # ------------------------------------------------------------------- scoring
-    def score_user(self, user_id: str) -> np.ndarray | None:
-        """Model scores plus, with ``knn_alpha``, a content term for young items.
-
-        ``alpha * cos(x_u, x_i)`` for items with at most ``knn_max_events``
-        events, where ``x_u`` is the user's history of text vectors weighted
-        ``knn_recency ** h`` (newest first).
-        """
-        scores = super().score_user(user_id)
-        if scores is None or not self.term_on or (self.knn_alpha == 0 and self.learn_alpha == 0):
-            return scores
-        row = self._users.index[str(user_id)]
-        hist = self._hist[row]
-        ok = hist >= 0
-        if not ok.any():
-            return scores
-        w = torch.from_numpy((self.knn_recency ** np.arange(len(hist)))[ok].astype(np.float32))
-        xu = (w[:, None] * self._X[torch.as_tensor(hist[ok])]).sum(0)
-        xu = xu / (xu.norm() + 1e-8)
-        if self.tail_gate:
-            wt = self.tail_recency ** np.arange(len(hist))[ok]
-            rare = self._i_events[hist[ok]] <= self.tail_events
-            xu = xu * float((wt * rare).sum() / wt.sum())
-        n = self.n_items
-        return scores + (self._gate(np.arange(n)) * (self._X[:n] @ xu)).numpy()
-
-    _EDGES = np.array([0, 2, 5, 9])
-
-    def _gate(self, rows: np.ndarray) -> torch.Tensor:
-        """Weight (R,) of the content term per item: alpha of its young bucket, 0 when warm."""
-        b = np.searchsorted(self._EDGES, self._i_events[rows], side="left")
-        young = (b < 4) & self._has_x[rows]
-        g = torch.zeros(len(rows))
-        g[torch.from_numpy(young)] = self._alpha[torch.from_numpy(b[young])]
-        return g
-
-    def _user_text(self, h_inv: np.ndarray, hrows: np.ndarray, has_pad: bool,
-                   hshape: tuple[int, int]) -> torch.Tensor:
-        """Unit recency-weighted text vector (N, 384) of each training event's history."""
-        N, H = hshape
-        Xh = self._X[torch.as_tensor(hrows)]
-        idx = torch.as_tensor(h_inv)
-        w = torch.from_numpy((self.knn_recency ** np.arange(H)).astype(np.float32)).repeat(N)
-        if has_pad:
-            Xh = torch.cat([torch.zeros(1, 384), Xh])
-            w = w * (idx > 0).to(torch.float32)
-        xu = torch.nn.functional.embedding_bag(idx, Xh, torch.arange(0, N * H, H), mode="sum",
-                                               per_sample_weights=w)
-        return xu / (xu.norm(dim=1, keepdim=True) + 1e-8)
 
     # ------------------------------------------------------------------ training
     def _end_chunk(self, ch_u: list[np.ndarray], ch_i: list[np.ndarray]) -> None:
-        t0 = time.perf_counter()
         if self.mode == "ridge":
-            self._fit_ridge()
+            n = self.n_items
+            ok = self._has_x[:n] & (self._i_events[:n] >= self.ridge_min_events)
+            if ok.sum() >= 50:
+                rows = torch.as_tensor(np.flatnonzero(ok))
+                X, E = self._X[rows], self._Eout[rows]
+                A = X.T @ X + self.ridge_lambda * torch.eye(384)
+                self._M = torch.linalg.solve(A, X.T @ E)
         super()._end_chunk(ch_u, ch_i)
-        self.train_s += time.perf_counter() - t0
 
-    def _fit_ridge(self) -> None:
-        n = self.n_items
-        ok = self._has_x[:n] & (self._i_events[:n] >= self.ridge_min_events)
-        if ok.sum() < 50:
-            return
-        rows = torch.as_tensor(np.flatnonzero(ok))
-        X, E = self._X[rows], self._Eout[rows]
-        A = X.T @ X + self.ridge_lambda * torch.eye(384)
-        self._M = torch.linalg.solve(A, X.T @ E)
-
-    def _sgd_step(self, uu: np.ndarray, u_inv: np.ndarray, hrows: np.ndarray,
-                  h_inv: np.ndarray, has_pad: bool, hshape: tuple[int, int], slot_w: np.ndarray,
-                  cand: np.ndarray, label: np.ndarray, bw: np.ndarray, *rest: Any) -> None:
-        args = (uu, u_inv, hrows, h_inv, has_pad, hshape, slot_w, cand, label, bw, *rest)
-        ce_orig = torch.nn.functional.cross_entropy
-        if self.learn_alpha > 0:
-            # the young items' content term enters the training softmax: (N, C) added to
-            # the logits; the rows learn around it and alpha learns by its own gradient
-            sim = self._user_text(h_inv, hrows, has_pad, hshape) @ self._X[torch.as_tensor(cand)].T
-            b = np.searchsorted(self._EDGES, self._i_events[cand], side="left")
-            b = np.where(self._has_x[cand], b, 4)
-            onehot = torch.zeros(len(cand), 5)
-            onehot[torch.arange(len(cand)), torch.from_numpy(b)] = 1.0
-            onehot = onehot[:, :4]                                   # (C, 4)
-            term = sim * (onehot @ self._alpha)[None, :]
-
-            def ce(logits: torch.Tensor, target: torch.Tensor, **kw: Any) -> torch.Tensor:
-                full = logits + term
-                with torch.no_grad():
-                    g = torch.softmax(full, dim=1)
-                    g[torch.arange(len(target)), target] -= 1.0
-                    g *= torch.as_tensor(bw)[:, None]
-                    grad = ((g * sim).sum(0)[:, None] * onehot).sum(0)   # (4,)
-                    self._alpha_acc += grad.pow(2)
-                    self._alpha -= self.learn_alpha * grad / (self._alpha_acc.sqrt() + 1e-8)
-                return ce_orig(full, target, **kw)
-
-            torch.nn.functional.cross_entropy = ce  # type: ignore[assignment]
-        try:
-            self._sgd_step_rows(*args)
-        finally:
-            torch.nn.functional.cross_entropy = ce_orig
-
-    def _sgd_step_rows(self, *args: Any) -> None:
+    def _sgd_step(self, *args: Any) -> None:
         if self.mode != "joint":
             super()._sgd_step(*args)
             return
@@ -349,10 +214,46 @@ class ContentModel(StreamingModel):
         self._Eout[:n] += self._X[:n] @ dW
         self._Ein[:n] = self._Eout[:n]
 
+    # ------------------------------------------------------------------- scoring
+    def content_term(self, user_id: str) -> np.ndarray | None:
+        """``g_u * cos(x_u, x_i)`` (I,) for young items with text, 0 for the rest."""
+        row = self._users.index.get(str(user_id))
+        if row is None:
+            return None
+        hist = self._hist[row]
+        ok = hist >= 0
+        if not ok.any():
+            return None
+        h = hist[ok]
+        w = torch.from_numpy((self.recency ** np.arange(len(hist)))[ok].astype(np.float32))
+        xu = (w[:, None] * self._X[torch.as_tensor(h)]).sum(0)
+        xu = xu / (xu.norm() + 1e-8)
+        gate = 1.0
+        if self.tail_gate:
+            wt = self.tail_recency ** np.arange(len(hist))[ok]
+            gate = float((wt * (self._i_events[h] <= self.tail_events)).sum() / wt.sum())
+        n = self.n_items
+        young = (self._i_events[:n] <= YOUNG_MAX_EVENTS) & self._has_x[:n]
+        return (self._X[:n] @ xu).numpy() * young * gate
+
 
 # --------------------------------------------------------------------- evaluation
-def run(variant: str, seed: int, announce: bool, content: dict[str, np.ndarray],
-        catalogue: list[dict[str, Any]], data: np.ndarray, **kw: Any) -> dict[str, Any]:
+def _ranks(model: StreamingModel, user: str, item: str, alphas: list[float]) -> list[int | None]:
+    """Rank of ``item`` for ``user`` with the content term at each alpha (as _model_rank)."""
+    term = model.content_term(user) if isinstance(model, ContentModel) else None
+    target = model.item_row(item)
+    if term is None or target is None:
+        return [_model_rank(model, user, item)] * len(alphas)
+    scores = model.score_user(user)
+    assert scores is not None
+    live = model.live_items()
+    seen = model.seen_rows(model.user_row(user))  # type: ignore[arg-type]
+    return [_rank(np.where(live, scores + a * term, -np.inf), target, seen) for a in alphas]
+
+
+def run(variant: str, seed: int, announce: bool, alphas: list[float],
+        content: dict[str, np.ndarray], catalogue: list[dict[str, Any]], data: np.ndarray,
+        **kw: Any) -> dict[str, Any]:
     cfg = ModelConfig(seed=seed)
     model: StreamingModel = (StreamingModel(cfg, device="cpu") if variant == "base"
                              else ContentModel(cfg, content, variant, **kw))
@@ -367,14 +268,11 @@ def run(variant: str, seed: int, announce: bool, content: dict[str, np.ndarray],
         prior[j] = counts.get(it, 0)
         counts[it] = prior[j] + 1
     after = np.arange(n) >= start
-    overall = np.zeros(n, dtype=bool)
-    overall[start + seed % 25::25] = True
-    cold = after & (prior >= 1) & (prior <= 9)
-    first = after & (prior == 0)
-    metrics = {"overall": _Metrics(), "cold": _Metrics(), "first": _Metrics()}
-    # the same trained model ranked without the scoring-time content term (paired)
-    paired = isinstance(model, ContentModel) and (model.knn_alpha != 0 or model.learn_alpha != 0)
-    without = {"overall": _Metrics(), "cold": _Metrics(), "first": _Metrics()}
+    slices = {"overall": np.zeros(n, dtype=bool), "cold": after & (prior >= 1) & (prior <= 9),
+              "first": after & (prior == 0)}
+    slices["overall"][start + seed % 25::25] = True
+    tested = slices["overall"] | slices["cold"] | slices["first"]
+    metrics = {a: {k: _Metrics() for k in slices} for a in alphas}
     ann_ts = np.array([c["ts"] for c in catalogue], dtype=np.int64)
     ann_id = [str(c["item_id"]) for c in catalogue]
     nxt = 0
@@ -387,101 +285,100 @@ def run(variant: str, seed: int, announce: bool, content: dict[str, np.ndarray],
             nonlocal nxt, test_s
             t0 = time.perf_counter()
             k = b0 + j
-            if announce:
-                while nxt < len(ann_ts) and ann_ts[nxt] <= ts[k]:
-                    model.announce(ann_id[nxt])  # type: ignore[attr-defined]
-                    nxt += 1
-            if overall[k] or cold[k] or first[k]:
-                rank = _model_rank(model, users[k], items[k])
-                rank0 = None
-                if paired:
-                    model.term_on = False  # type: ignore[attr-defined]
-                    rank0 = _model_rank(model, users[k], items[k])
-                    model.term_on = True  # type: ignore[attr-defined]
-                for name, mask in (("overall", overall), ("cold", cold), ("first", first)):
-                    if mask[k]:
-                        metrics[name].add(rank)
-                        if paired:
-                            without[name].add(rank0)
+            while announce and nxt < len(ann_ts) and ann_ts[nxt] <= ts[k]:
+                model.announce(ann_id[nxt])  # type: ignore[attr-defined]
+                nxt += 1
+            if tested[k]:
+                for a, rank in zip(alphas, _ranks(model, users[k], items[k], alphas)):
+                    for name, mask in slices.items():
+                        if mask[k]:
+                            metrics[a][name].add(rank)
             test_s += time.perf_counter() - t0
 
         model.learn(users[b0:b1], items[b0:b1], ts[b0:b1], before_event=before)
     wall = time.perf_counter() - t_all
-    train_s = wall - test_s
     return {"variant": variant, "announce": announce, "seed": seed, **kw,
-            **{f"{k}_hr@10": m.result()["hr@10"] for k, m in metrics.items()},
-            **{f"{k}_n": m.n for k, m in metrics.items()},
-            "overall_ndcg@10": metrics["overall"].result()["ndcg@10"],
-            **({f"{k}_hr@10_without_term": m.result()["hr@10"] for k, m in without.items()}
-               if paired else {}),
-            "train_events_per_s": n / train_s, "wall_s": wall,
-            **({"alpha_end": [round(a, 3) for a in model._alpha.tolist()]}
-               if isinstance(model, ContentModel) and model.learn_alpha > 0 else {})}
+            "hr@10": {f"{a:g}": {k: m.result()["hr@10"] for k, m in ms.items()}
+                      for a, ms in metrics.items()},
+            "tested": {k: int(v.sum()) for k, v in slices.items()},
+            "train_events_per_s": n / (wall - test_s), "wall_s": wall}
+
+
+def time_train(variant: str, seed: int, content: dict[str, np.ndarray], data: np.ndarray,
+               repeat: int, **kw: Any) -> float:
+    """Best events/s of learn() over the stream in micro-batches of 1,000 (fast path + steps)."""
+    users = [str(x) for x in data["user"].tolist()]
+    items = [str(x) for x in data["item"].tolist()]
+    ts = data["ts"].astype(np.int64)
+    best = 0.0
+    for _ in range(repeat):
+        cfg = ModelConfig(seed=seed)
+        model = (StreamingModel(cfg, device="cpu") if variant == "base"
+                 else ContentModel(cfg, content, variant, **kw))
+        t0 = time.perf_counter()
+        for b0 in range(0, len(users), 1000):
+            model.learn(users[b0:b0 + 1000], items[b0:b0 + 1000], ts[b0:b0 + 1000])
+        best = max(best, len(users) / (time.perf_counter() - t0))
+    return best
 
 
 def _label(r: dict[str, Any]) -> str:
     """Short name of a run's configuration."""
-    parts = [r["variant"]]
-    if r["announce"]:
-        parts.append("announce")
-    if r.get("knn_alpha") or r.get("learn_alpha"):
-        parts.append(f"term a={r.get('knn_alpha', 0):g}" + (" tail" if r.get("tail_gate") else "")
-                     + (f" r={r['knn_recency']:g}" if "knn_recency" in r else ""))
-    skip = {"variant", "announce", "knn_alpha", "tail_gate", "knn_recency", "seed", "wall_s",
-            "train_events_per_s", "alpha_end"}
-    parts += [f"{k}={v:g}" for k, v in r.items() if k not in skip and isinstance(v, (int, float))
-              and not k.endswith(("hr@10", "_n", "ndcg@10", "_term"))]
-    return " ".join(parts)
+    parts = [r["variant"]] + (["announce"] if r["announce"] else [])
+    skip = {"variant", "announce", "seed", "wall_s", "train_events_per_s", "hr@10", "tested"}
+    return " ".join(parts + [f"{k}={v}" for k, v in r.items() if k not in skip])
 
 
 def table(path: Path) -> None:
-    """Mean (and per-seed) figures per configuration, from the JSONL of runs.
+    """Markdown table: mean over seeds per configuration and alpha.
 
-    ``w/o term``: the same trained models ranked without the scoring-time term.
+    ``Δ paired`` is against alpha = 0 on the same runs; ``Δ base`` against the
+    mean of the ``base`` runs (other training streams, so seed noise included).
     """
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    base = [r["hr@10"]["0"] for r in rows if r["variant"] == "base"]
+    b_all = np.mean([b["overall"] for b in base]) if base else math.nan
+    b_cold = np.mean([b["cold"] for b in base]) if base else math.nan
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(_label(r), []).append(r)
-    print("| configuration | seeds | HR@10 | cold HR@10 | first HR@10 | HR@10 w/o term | "
-          "cold w/o term | train ev/s | per seed HR@10 / cold |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| configuration | alpha | seeds | HR@10 | Δ paired | Δ base | cold HR@10 | cold vs base "
+          "| first HR@10 | train ev/s | per seed HR@10 / cold |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for label, rs in groups.items():
         rs.sort(key=lambda r: r["seed"])
-
-        def mean(f: str, rs: list[dict[str, Any]] = rs) -> str:
-            vals = [r[f] for r in rs if f in r]
-            return f"{sum(vals) / len(vals):.4f}" if vals else "—"
-
-        per = " · ".join(f"{r['overall_hr@10']:.4f} / {r['cold_hr@10']:.4f}" for r in rs)
-        evs = sum(r["train_events_per_s"] for r in rs) / len(rs)
-        print(f"| {label} | {len(rs)} | {mean('overall_hr@10')} | {mean('cold_hr@10')} | "
-              f"{mean('first_hr@10')} | {mean('overall_hr@10_without_term')} | "
-              f"{mean('cold_hr@10_without_term')} | {evs:,.0f} | {per} |")
-    n = rows[0]
-    print(f"tested events: overall {n['overall_n']}, cold {n['cold_n']}, first {n['first_n']}")
+        evs = np.mean([r["train_events_per_s"] for r in rs])
+        for a in rs[0]["hr@10"]:
+            m = {k: np.mean([r["hr@10"][a][k] for r in rs]) for k in ("overall", "cold", "first")}
+            paired = np.mean([r["hr@10"][a]["overall"] - r["hr@10"]["0"]["overall"] for r in rs])
+            per = " · ".join(f"{r['hr@10'][a]['overall']:.4f} / {r['hr@10'][a]['cold']:.4f}"
+                             for r in rs)
+            print(f"| {label} | {a} | {len(rs)} | {m['overall']:.4f} | {paired:+.4f} | "
+                  f"{m['overall'] - b_all:+.4f} | {m['cold']:.4f} | {m['cold'] / b_cold - 1:+.0%} "
+                  f"| {m['first']:.4f} | {evs:,.0f} | {per} |")
+    print(f"tested events per run: {rows[0]['tested']}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--variant", default="base", choices=["base", "none", "ridge", "knn", "joint"])
-    ap.add_argument("--acc-prior", type=float, default=None)
-    ap.add_argument("--knn-recency", type=float, default=None)
-    ap.add_argument("--tail-gate", action="store_true", default=None)
-    ap.add_argument("--knn-alpha", type=float, default=None)
-    ap.add_argument("--w-init", type=float, default=None)
-    ap.add_argument("--learn-alpha", type=float, default=None, help="learning rate of the "
-                    "young items' content-term weights (0 = fixed at --knn-alpha)")
-    ap.add_argument("--knn-max-events", type=int, default=None)
+    ap.add_argument("--variant", default="base", choices=["base", "none", "ridge", "joint"])
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--announce", action="store_true")
-    ap.add_argument("--lr-w", type=float, default=None)
-    ap.add_argument("--free-scale", type=float, default=None)
-    ap.add_argument("--ridge-lambda", type=float, default=None)
+    ap.add_argument("--alphas", default="0", help="weights of the scoring-time content term")
+    ap.add_argument("--tail-gate", action="store_true", help="scale the term by the user's "
+                    "share of rare recent items")
+    ap.add_argument("--recency", type=float, default=None, help="history weight of x_u (0.9)")
+    ap.add_argument("--lr-w", type=float, default=None, help="joint: Adagrad rate of W")
+    ap.add_argument("--w-init", type=float, default=None, help="joint: initial std of W")
+    ap.add_argument("--free-scale", type=float, default=None,
+                    help="joint: scale of a new row's random free part (1 = default init)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache-dir", default=str(ROOT / "data" / "content"))
     ap.add_argument("--out", type=Path, default=None, help="append each run's JSON here")
     ap.add_argument("--table", type=Path, default=None, help="summarise a JSONL of runs")
+    ap.add_argument("--time-train", type=int, default=0, metavar="R",
+                    help="only time learn() over the whole stream (no tests, no announcements) "
+                    "R times per seed and print the best events/s")
     args = ap.parse_args()
     if args.table:
         table(args.table)
@@ -490,15 +387,21 @@ def main() -> int:
     data = datasets.load_ml100k()
     catalogue = list(datasets.iter_ml100k_items(ratings=data))
     content = text_vectors(catalogue, args.cache_dir)
-    kw = {k: v for k, v in (("lr_w", args.lr_w), ("free_scale", args.free_scale),
-                            ("ridge_lambda", args.ridge_lambda), ("knn_alpha", args.knn_alpha),
-                            ("knn_max_events", args.knn_max_events), ("w_init", args.w_init),
-                            ("learn_alpha", args.learn_alpha), ("acc_prior", args.acc_prior),
-                            ("knn_recency", args.knn_recency), ("tail_gate", args.tail_gate))
-          if v is not None}
+    alphas = [0.0] if args.variant == "base" else sorted({0.0, *map(float,
+                                                                   args.alphas.split(","))})
+    kw: dict[str, Any] = {k: v for k, v in (
+        ("lr_w", args.lr_w), ("w_init", args.w_init), ("free_scale", args.free_scale),
+        ("recency", args.recency)) if v is not None}
+    if args.tail_gate:
+        kw["tail_gate"] = True
     for seed in [int(s) for s in args.seeds.split(",")]:
-        res = run(args.variant, seed, args.announce, content, catalogue, data, **kw)
-        line = json.dumps(res)
+        if args.time_train:
+            print(json.dumps({"variant": args.variant, **kw, "seed": seed,
+                              "train_events_per_s": time_train(args.variant, seed, content,
+                                                               data, args.time_train, **kw)}))
+            continue
+        line = json.dumps(run(args.variant, seed, args.announce, alphas, content, catalogue,
+                              data, **kw))
         print(line, flush=True)
         if args.out:
             with args.out.open("a") as fh:
