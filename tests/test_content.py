@@ -211,6 +211,21 @@ def test_an_encoder_failure_is_counted_and_the_thread_goes_on(encoder: SentenceE
         assert list(fz.take_ready()) == ["1"]
 
 
+def test_featurizer_from_settings_uses_the_configured_cache(tmp_path: Path) -> None:
+    from stream_rec.content import featurizer_from_settings
+    from stream_rec.settings import ContentSettings
+
+    cfg = ContentSettings(model_dir=str(ROOT / "data" / "models"), cache_dir=str(tmp_path),
+                          device="cpu", batch_size=4, attributes=["year", "studio"])
+    with featurizer_from_settings(cfg) as fz:
+        fz.submit({**STAR_WARS, "attributes": {"year": 1977, "studio": "Lucasfilm"}})
+        assert fz.wait_idle(60)
+        assert fz.take_ready()["50"].shape == (DIM,)
+        assert fz.attributes == ("year", "studio") and fz.batch_size == 4
+    assert fz.cache._db is None                               # closed with the featurizer
+    assert (tmp_path / "embeddings.sqlite").is_file()
+
+
 # ------------------------------------------------------------- catalogue
 def test_ml100k_items_parse_and_are_announced_before_their_first_rating(tmp_path: Path) -> None:
     path = tmp_path / "ml-100k.item"

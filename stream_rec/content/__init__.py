@@ -17,7 +17,7 @@ from .encoder import (
     content_key,
     item_text,
 )
-from .featurizer import Featurizer
+from .featurizer import Featurizer, featurizer_from_settings
 
 __all__ = ["DIM", "MODEL_NAME", "EmbeddingCache", "Encoder", "EncoderUnavailable", "Featurizer",
-           "SentenceEncoder", "content_key", "item_text"]
+           "SentenceEncoder", "content_key", "featurizer_from_settings", "item_text"]

@@ -21,12 +21,15 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
 from .cache import EmbeddingCache
-from .encoder import Encoder, content_key, item_text
+from .encoder import Encoder, SentenceEncoder, content_key, item_text
+
+if TYPE_CHECKING:
+    from stream_rec.settings import ContentSettings
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +43,10 @@ class Featurizer:
 
     def __init__(self, encoder: Encoder, cache: EmbeddingCache | None = None, *,
                  batch_size: int = 64, max_pending: int = 100_000,
-                 attributes: Iterable[str] = ("year",)) -> None:
+                 attributes: Iterable[str] = ("year",), owns_cache: bool = False) -> None:
         self.encoder = encoder
         self.cache = cache if cache is not None else EmbeddingCache(dim=encoder.dim)
+        self._owns_cache = owns_cache or cache is None   # closed by close()
         self.batch_size = batch_size
         self.max_pending = max_pending
         self.attributes = tuple(attributes)
@@ -184,9 +188,20 @@ class Featurizer:
             self._closing = True
             self._cond.notify_all()
         self._thread.join(timeout)
+        if self._owns_cache and not self._thread.is_alive():
+            self.cache.close()
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def featurizer_from_settings(cfg: ContentSettings) -> Featurizer:
+    """The sentence encoder, the cache and the featurizer as ``Settings.content`` says."""
+    encoder = SentenceEncoder(cfg.model_dir, device=cfg.device, batch_size=cfg.batch_size)
+    cache = EmbeddingCache(cfg.cache_dir or None, memory_items=cfg.memory_items,
+                           dim=encoder.dim)
+    return Featurizer(encoder, cache, batch_size=cfg.batch_size, max_pending=cfg.max_pending,
+                      attributes=cfg.attributes, owns_cache=True)
