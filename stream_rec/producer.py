@@ -2,7 +2,8 @@
 
 Sources: MovieLens-100K in timestamp order, a JSONL/CSV file, or the synthetic
 generator with a planted preference structure. The key is the user id, so a
-user's events stay in order on one partition.
+user's events stay in order on one partition. With ``--items`` the dataset's
+catalogue (item metadata) goes to the catalogue topic instead, keyed by item id.
 """
 
 from __future__ import annotations
@@ -59,6 +60,16 @@ class SendCheck:
                 self.first = exc
 
 
+def open_item_source(source: str) -> Iterator[dict[str, Any] | bytes]:
+    """Catalogue items of ``ml-100k``, or of a .jsonl/.csv file of item objects."""
+    if source == "ml-100k":
+        return datasets.iter_ml100k_items()
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such catalogue: {source!r} (use ml-100k or a .jsonl path)")
+    return datasets.iter_file(path)
+
+
 class RateLimiter:
     """Paces a loop to ``rate`` iterations per second (0 = unlimited) without drift."""
 
@@ -79,15 +90,20 @@ class RateLimiter:
 def produce(cfg: KafkaSettings, events: Iterable[dict[str, Any] | bytes], *,
             limit: int | None = None, rate: float = 0.0, stamp: bool = True,
             progress: bool | None = None,
-            on_sent: Callable[[dict[str, Any] | bytes, Any], None] | None = None) -> int:
+            on_sent: Callable[[dict[str, Any] | bytes, Any], None] | None = None,
+            topic: str | None = None, key_field: str = "user_id") -> int:
     """Send ``events`` (dicts, or raw bytes passed through as they are); returns the count.
 
     ``stamp`` adds ``produced_at`` (epoch seconds) for end-to-end latency
     measurement; ``on_sent(event, future)`` sees each send's future. Every send
     is checked: if any was refused or not acknowledged, :class:`ProduceFailed`
-    says how many (after the rest were sent).
+    says how many (after the rest were sent). ``topic`` (default ``cfg.topic``)
+    and ``key_field`` (the field whose value keys the message) let the same loop
+    send the catalogue: items go to ``cfg.items_topic`` keyed by ``item_id``, so
+    an item's updates stay in order on one partition.
     """
-    require_topics(cfg, [cfg.topic, cfg.dlq_topic])
+    topic = topic or cfg.topic
+    require_topics(cfg, [topic, topic + cfg.dlq_suffix])
     producer = make_producer(cfg)
     stream = itertools.islice(events, limit) if limit else events
     show_bar = sys.stderr.isatty() if progress is None else progress
@@ -95,7 +111,7 @@ def produce(cfg: KafkaSettings, events: Iterable[dict[str, Any] | bytes], *,
     if show_bar:
         from tqdm import tqdm
 
-        bar = tqdm(total=limit, unit="ev", desc=f"produce → {cfg.topic}", smoothing=0.1)
+        bar = tqdm(total=limit, unit="ev", desc=f"produce → {topic}", smoothing=0.1)
     pacer = RateLimiter(rate)
     check = SendCheck()
     n = 0
@@ -107,12 +123,12 @@ def produce(cfg: KafkaSettings, events: Iterable[dict[str, Any] | bytes], *,
             else:
                 if stamp:
                     ev = {**ev, "produced_at": time.time()}
-                uid = ev.get("user_id")
-                key = None if uid is None else str(uid).encode()
+                kid = ev.get(key_field)
+                key = None if kid is None else str(kid).encode()
                 value = encode_event(ev)
             n += 1
             try:
-                future = producer.send(cfg.topic, key=key, value=value)
+                future = producer.send(topic, key=key, value=value)
             except KafkaError as exc:  # refused before sending (size, metadata timeout)
                 check.failure(exc)
             else:
@@ -131,9 +147,9 @@ def produce(cfg: KafkaSettings, events: Iterable[dict[str, Any] | bytes], *,
         if bar is not None:
             bar.close()
     if check.failed:
-        raise ProduceFailed(f"{check.failed} of {n} events could not be sent to {cfg.topic} "
+        raise ProduceFailed(f"{check.failed} of {n} events could not be sent to {topic} "
                             f"(first error: {describe(check.first)})")
     elapsed = time.monotonic() - t0
-    log.info("produced %d events to %s in %.1f s (%.0f ev/s)", n, cfg.topic, elapsed,
+    log.info("produced %d events to %s in %.1f s (%.0f ev/s)", n, topic, elapsed,
              n / elapsed if elapsed else 0.0)
     return n

