@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,27 @@ class Plan:
 
     query: np.ndarray | None
     exclude: np.ndarray
+
+
+@dataclass(frozen=True)
+class Click:
+    """One of a user's recent clicks: the item and its event time (epoch ms)."""
+
+    item_id: str
+    ts: int
+
+
+@dataclass(frozen=True)
+class Swap:
+    """A version this process swapped in, for the operator's page: versions over time."""
+
+    version: int
+    kind: str          # "full" or "delta"
+    created_at: float  # epoch s, on the worker
+    swapped_at: float  # epoch s, here
+    watermark: int | None
+    events: int | None  # events learned into the state, all-time (None: not recorded)
+    load_s: float      # load + verify + index
 
 
 class ServingState:
@@ -77,6 +99,30 @@ class ServingState:
 
     def meta(self) -> dict[str, Any]:
         return {"version": self.manifest.version, "watermark": self.manifest.watermark}
+
+    def status(self) -> dict[str, Any]:
+        """The body of ``/readyz``: what is served, and how far into the topic it reaches."""
+        m = self.manifest
+        return {"ready": True, **self.meta(), "created_at": m.created_at,
+                "offsets": m.offsets, "counts": m.counts}
+
+    def recent_clicks(self, user_id: str, limit: int | None = None) -> list[Click]:
+        """A user's most recent clicks as this state holds them, newest first.
+
+        The one place that says what a user recently did: the dashboard reads
+        it, and a later source of fresher clicks (read from the topic after
+        this version's offsets) extends it here. The version keeps the last
+        ``model.history`` clicks of each user; unknown users have none.
+        """
+        row = self.state.user_row(user_id)
+        if row is None:
+            return []
+        hist = self.state.tables[T.USER_HIST][row]
+        stamps = self.state.tables[T.USER_HIST_TS][row]
+        ids = self.state.item_ids
+        clicks = [Click(ids[r], int(ts)) for r, ts in zip(hist.tolist(), stamps.tolist())
+                  if r >= 0 and ids[r]]
+        return clicks[:limit] if limit is not None else clicks
 
     # -- answers: plan, search (batched by the app, directly here), answer --
     def plan(self, user_id: str) -> Plan:
@@ -136,6 +182,8 @@ class SnapshotWatcher:
         self.poll_interval_s = poll_interval_s
         self.metrics = metrics
         self.current: ServingState | None = None
+        # The versions swapped in, oldest first (bounded: at 10 versions/s, about 7 min).
+        self.history: deque[Swap] = deque(maxlen=4096)
         self._refused: set[int] = set()
         self._retry_at = 0.0      # monotonic time before which a failed target is not retried
         self._backoff_s = 0.0
@@ -165,8 +213,12 @@ class SnapshotWatcher:
         new_state = ServingState(snapshot, current, self.index_kind, self.nprobe)
         self._backoff_s = 0.0
         self.current = new_state  # the swap: one reference, atomic under the GIL
+        load_s = time.perf_counter() - t0
+        m = new_state.manifest
+        self.history.append(Swap(m.version, m.kind, m.created_at, new_state.loaded_at,
+                                 m.watermark, m.counts.get("events"), load_s))
         if self.metrics:
-            self.metrics.observe_swap(new_state, time.perf_counter() - t0)
+            self.metrics.observe_swap(new_state, load_s)
         log.info("serving version %d (watermark %s)", new_state.version,
                  new_state.manifest.watermark)
         return True
