@@ -1,11 +1,33 @@
-"""Prometheus metrics, built against an injected registry (no global state in tests)."""
+"""Prometheus metrics, built against an injected registry (no global state in tests).
+
+Several server processes (``serve.workers`` > 1) share one port, and a scrape
+reaches whichever accepts it. So that every scrape answers the same totals,
+those processes run prometheus_client's multiprocess mode: each writes its
+values to files in one directory (``PROMETHEUS_MULTIPROC_DIR``, set by
+``serve()`` before any worker process starts) and ``/metrics`` merges the
+files of all of them. Counters and histograms are summed, including those of
+processes that have exited, so totals never go back; gauges take the minimum
+over live processes (``livemin``): the version, watermark and creation time a
+pod serves are those of its stalest process.
+"""
 
 from __future__ import annotations
 
+import glob
+import os
+import re
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    values,
+)
 
 from stream_rec.events import DeadLetter, Reason
 
@@ -14,19 +36,38 @@ MS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0
 AGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 
 
+_LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db$")
+
+
 class ServingMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    """A server process's metrics; with ``multiprocess_dir``, merged with its siblings'.
+
+    ``multiprocess_dir`` must be the ``PROMETHEUS_MULTIPROC_DIR`` that
+    prometheus_client saw when it was imported (it picks where values live
+    then, once per process).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None,
+                 multiprocess_dir: str | None = None) -> None:
+        if multiprocess_dir is not None and not getattr(values.ValueClass, "_multiprocess",
+                                                        False):
+            raise RuntimeError("multiprocess metrics need PROMETHEUS_MULTIPROC_DIR set before "
+                               "prometheus_client is imported")
+        self.multiprocess_dir = multiprocess_dir
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter("stream_rec_requests_total", "HTTP requests",
                                 ["endpoint", "status"], registry=r)
         self.latency = Histogram("stream_rec_request_seconds", "Request latency (s)",
                                  ["endpoint"], buckets=MS_BUCKETS, registry=r)
-        self.version = Gauge("stream_rec_snapshot_version", "Version being served", registry=r)
+        self.version = Gauge("stream_rec_snapshot_version", "Version being served",
+                             multiprocess_mode="livemin", registry=r)
         self.watermark = Gauge("stream_rec_snapshot_watermark_ms",
-                               "Watermark of the served version (epoch ms)", registry=r)
+                               "Watermark of the served version (epoch ms)",
+                               multiprocess_mode="livemin", registry=r)
         self.created = Gauge("stream_rec_snapshot_created_seconds",
-                             "Creation time of the served version (epoch s)", registry=r)
+                             "Creation time of the served version (epoch s)",
+                             multiprocess_mode="livemin", registry=r)
         self.swaps = Counter("stream_rec_snapshot_swaps_total", "Versions swapped in",
                              registry=r)
         self.swap_seconds = Histogram("stream_rec_snapshot_load_seconds",
@@ -62,6 +103,42 @@ class ServingMetrics:
         self.created.set(state.manifest.created_at)
         if state.manifest.watermark is not None:
             self.watermark.set(state.manifest.watermark)
+
+
+    def collected(self) -> CollectorRegistry:
+        """What ``/metrics`` shows: this process's registry, or all processes' files merged.
+
+        Live-gauge files of processes that no longer run are removed first
+        (their counters stay: what they counted happened).
+        """
+        if self.multiprocess_dir is None:
+            return self.registry
+        for path in glob.glob(os.path.join(self.multiprocess_dir, "gauge_live*_*.db")):
+            m = _LIVE_GAUGE_FILE.search(path)
+            if m and not _alive(int(m.group(1))):
+                multiprocess.mark_process_dead(int(m.group(1)), self.multiprocess_dir)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path=self.multiprocess_dir)
+        return merged
+
+    def exposition(self) -> bytes:
+        """The body of ``/metrics`` (Prometheus text format)."""
+        return generate_latest(self.collected())
+
+    def exited(self) -> None:
+        """This process stops serving: its gauges leave the merged view (multiprocess only)."""
+        if self.multiprocess_dir is not None:
+            multiprocess.mark_process_dead(os.getpid(), self.multiprocess_dir)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 class WorkerMetrics:

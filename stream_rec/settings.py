@@ -185,7 +185,12 @@ class StoreSettings(Section):
     keep_versions: int = Field(20, ge=2)
 
 
+MIN_KEY_CHARS = 16  # a guessable API key protects nothing
+
+
 class ServeSettings(Section):
+    """``stream-rec serve``: where it listens, how it searches, who may ask."""
+
     host: str = "127.0.0.1"
     port: int = 8000
     poll_interval_ms: int = Field(50, ge=10)
@@ -201,6 +206,38 @@ class ServeSettings(Section):
     # clicks shape their next answer before a version carries them; bounded overlay.
     follow_topic: bool = True
     overlay_max_events: int = Field(500_000, ge=1)
+
+    # With workers > 1 the processes share their metric values through files here, so that
+    # /metrics answers the same sums whichever process serves the scrape. Emptied at start;
+    # a fresh temporary directory when unset. Ignored with one process.
+    metrics_dir: str | None = None
+    # Bearer token required by everything but /healthz and /readyz (the API, /metrics, the
+    # dashboard): a key, or a file holding one key per line (any is accepted, so a key can
+    # be rotated without a restart: add the new one, move the clients, remove the old).
+    api_key: SecretStr | None = None
+    api_key_file: str | None = None
+    # HTTPS: PEM certificate (chain) and private key; the key's passphrase if it has one.
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_keyfile_password: SecretStr | None = None
+    # The worker's /metrics (worker.metrics_port), read by the dashboard for events/s, lag
+    # and dead letters; without it the page shows what the served versions say.
+    worker_metrics_url: str | None = None
+
+    @model_validator(mode="after")
+    def _complete_access(self) -> ServeSettings:
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ValueError("set serve.api_key or serve.api_key_file, not both")
+        if self.api_key is not None and len(self.api_key.get_secret_value()) < MIN_KEY_CHARS:
+            raise ValueError(f"serve.api_key: at least {MIN_KEY_CHARS} characters")
+        if self.ssl_keyfile and not self.ssl_certfile:
+            raise ValueError("serve.ssl_keyfile needs serve.ssl_certfile")
+        if self.ssl_keyfile_password is not None and not (self.ssl_keyfile or self.ssl_certfile):
+            raise ValueError("serve.ssl_keyfile_password needs serve.ssl_keyfile")
+        if self.worker_metrics_url is not None and \
+                not self.worker_metrics_url.startswith(("http://", "https://")):
+            raise ValueError("serve.worker_metrics_url: an http:// or https:// URL")
+        return self
 
 
 class ContentSettings(Section):
@@ -299,7 +336,23 @@ def _describe(err: Any) -> str:
     if err["type"] == "extra_forbidden":
         env = ENV_PREFIX + "__".join(str(x).upper() for x in err["loc"])
         return f"unknown setting {where!r} (from {env} or the settings file)"
-    return f"setting {where!r}: {err['msg']} (got {err.get('input')!r})"
+    value = err.get("input")
+    if isinstance(value, dict):  # a whole section failed a check: it names the key itself,
+        return f"setting {where!r}: {err['msg']}"  # and the section may hold secrets
+    if err["loc"] and err["loc"][-1] in _secret_names():
+        value = "**********"
+    return f"setting {where!r}: {err['msg']} (got {value!r})"
+
+
+def _secret_names() -> set[str]:
+    """Names of the fields that hold secrets, never repeated in an error message."""
+    names = set()
+    for section in Settings.model_fields.values():
+        model = section.annotation
+        for name, f in getattr(model, "model_fields", {}).items():
+            if "SecretStr" in str(f.annotation):
+                names.add(name)
+    return names
 
 
 def _check_env_names() -> None:

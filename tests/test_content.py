@@ -27,8 +27,7 @@ from stream_rec.content import (
     item_text,
 )
 from stream_rec.content import encoder as encoder_mod
-
-from .conftest import env_for
+from tests.support import env_for
 
 ROOT = Path(__file__).resolve().parents[1]
 

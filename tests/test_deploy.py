@@ -178,6 +178,7 @@ def test_every_settings_file_in_deploy_loads(monkeypatch: pytest.MonkeyPatch) ->
         s = Settings()
         assert s.kafka.create_topics is False, path  # clusters create topics on purpose
         assert s.serve.host == "0.0.0.0" and s.worker.metrics_port == 9100
+        assert s.worker.metrics_host == "0.0.0.0", path  # probes come from outside the pod
         assert s.log_format == "json"
 
 

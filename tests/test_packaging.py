@@ -73,3 +73,23 @@ def test_json_formatter_keeps_tracebacks_and_odd_arguments() -> None:
     config = uvicorn_log_config("json")
     assert config["formatters"]["default"] == {"()": "stream_rec.logs.JsonFormatter"}
     logging.config.dictConfig({**config, "loggers": {}})  # uvicorn can build it
+
+
+def test_the_wheel_ships_the_dashboard_page(tmp_path: Path) -> None:
+    """The page is package data: an install without the source tree still serves it."""
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "stream_rec", src / "stream_rec",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, src / name)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps",
+                        "--no-build-isolation", "-q", "-w", str(tmp_path / "dist")],
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    wheel = next((tmp_path / "dist").glob("stream_rec-*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        assert z.read("stream_rec/serving/dashboard.html") == \
+            (ROOT / "stream_rec" / "serving" / "dashboard.html").read_bytes()

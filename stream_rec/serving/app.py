@@ -1,4 +1,4 @@
-"""HTTP serving: ``/recommend``, ``/similar``, health, readiness and metrics.
+"""HTTP serving: ``/recommend``, ``/similar``, health, readiness, metrics and the dashboard.
 
 Each handler reads :attr:`SnapshotWatcher.current` once and answers entirely
 from that state, so a swap in the middle of a request cannot mix versions.
@@ -8,6 +8,9 @@ from that state, so a swap in the middle of a request cannot mix versions.
 import asyncio
 import logging
 import os
+import shutil
+import ssl
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,11 +19,13 @@ from typing import Annotated, Any
 import orjson
 from fastapi import FastAPI, HTTPException, Path, Query, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, SecretStr
 
 from stream_rec.logs import uvicorn_log_config
 from stream_rec.metrics import ServingMetrics
+from stream_rec.serving import dashboard
+from stream_rec.serving.auth import ApiKeys, BearerAuth
 from stream_rec.serving.batcher import SearchBatcher
 from stream_rec.serving.follower import TopicFollower
 from stream_rec.serving.overlay import Overlay
@@ -104,7 +109,9 @@ def create_app(store: SnapshotStore, cfg: ServeSettings | None = None,
     (tests feed it themselves).
     """
     cfg = cfg or ServeSettings()
-    metrics = metrics or ServingMetrics()
+    metrics = metrics or ServingMetrics(
+        multiprocess_dir=cfg.metrics_dir if cfg.workers > 1 else None)
+    keys = ApiKeys.from_settings(cfg)
     follower: TopicFollower | None = None
     if overlay is None and follow is not None and cfg.follow_topic:
         overlay = Overlay(history=follow.model.history, max_events=cfg.overlay_max_events)
@@ -134,6 +141,7 @@ def create_app(store: SnapshotStore, cfg: ServeSettings | None = None,
             follower.stop()
         watcher.stop()
         batcher.close()
+        metrics.exited()
 
     app = FastAPI(title="stream-rec", version="0.1.0", lifespan=lifespan)
     app.state.watcher = watcher
@@ -148,6 +156,8 @@ def create_app(store: SnapshotStore, cfg: ServeSettings | None = None,
             raise HTTPException(503, "no snapshot loaded yet")
         return current
 
+    if keys is not None:
+        app.add_middleware(BearerAuth, keys=keys)  # inside _Observe: 401s are counted too
     app.add_middleware(_Observe, metrics=metrics)
 
     @app.get("/recommend/{user_id}", response_model=Recommended)
@@ -181,20 +191,13 @@ def create_app(store: SnapshotStore, cfg: ServeSettings | None = None,
         current = watcher.current
         if current is None:
             return JSONResponse({"ready": False, "reason": "no snapshot loaded yet"}, 503)
-        m = current.manifest
-        body = {"ready": True, **current.meta(), "created_at": m.created_at,
-                "offsets": m.offsets, "counts": m.counts}
-        if follower is not None:  # answering from versions alone says so, but stays ready
-            body["overlay"] = follower.status()
-        elif overlay is not None:
-            body["overlay"] = {"following": False, "reach": dict(overlay.reach),
-                               **overlay.stats()}
-        return JSONResponse(body)
+        return JSONResponse(current.status(follower or overlay))
 
     @app.get("/metrics", response_class=PlainTextResponse)  # documented as text, not JSON
     def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
+    app.include_router(dashboard.router(watcher, metrics, batcher, cfg, overlay, follower))
     return app
 
 
@@ -204,26 +207,62 @@ def serve(store: SnapshotStore, settings: Settings) -> None:
     With ``cfg.workers`` > 1, uvicorn runs that many processes on the same port,
     each with its own copy of the snapshot and index: HTTP handling is bound to
     one core per process, so more processes answer more requests per second.
+    They share their metrics through files in ``cfg.metrics_dir`` (see
+    :mod:`stream_rec.metrics`). With ``cfg.ssl_certfile`` the server speaks
+    HTTPS only.
     """
     import uvicorn
 
     cfg = settings.serve
-    log.info("serving on http://%s:%d from %s (%d process%s)", cfg.host, cfg.port, store.url,
+    _check_access(cfg)
+    tls = {"ssl_certfile": cfg.ssl_certfile, "ssl_keyfile": cfg.ssl_keyfile,
+           "ssl_keyfile_password": cfg.ssl_keyfile_password.get_secret_value()
+           if cfg.ssl_keyfile_password else None}
+    common: dict[str, Any] = dict(host=cfg.host, port=cfg.port, log_level="warning",
+                                  access_log=False, log_config=uvicorn_log_config(), **tls)
+    log.info("serving on %s://%s:%d from %s (%d process%s)",
+             "https" if cfg.ssl_certfile else "http", cfg.host, cfg.port, store.url,
              cfg.workers, "es" if cfg.workers > 1 else "")
-    if cfg.workers > 1:
-        # Worker processes rebuild the app from the environment: pass the effective values.
-        os.environ["STREAM_REC_STORE__PATH"] = store.url
-        os.environ["STREAM_REC_STORE__KEEP_VERSIONS"] = str(store.keep_versions)
-        os.environ["STREAM_REC_KAFKA__BOOTSTRAP"] = settings.kafka.bootstrap
-        os.environ["STREAM_REC_KAFKA__TOPIC"] = settings.kafka.topic
-        for name, value in cfg.model_dump().items():
-            os.environ[f"STREAM_REC_SERVE__{name.upper()}"] = str(value)
-        uvicorn.run("stream_rec.serving.app:app_from_environment", factory=True,
-                    host=cfg.host, port=cfg.port, workers=cfg.workers, log_level="warning",
-                    access_log=False, log_config=uvicorn_log_config())
+    if cfg.workers == 1:
+        uvicorn.run(create_app(store, cfg, follow=settings), **common)
         return
-    uvicorn.run(create_app(store, cfg, follow=settings), host=cfg.host, port=cfg.port, log_level="warning",
-                access_log=False, log_config=uvicorn_log_config())
+    made = cfg.metrics_dir is None
+    metrics_dir = tempfile.mkdtemp(prefix="stream-rec-metrics-") if made else cfg.metrics_dir
+    os.makedirs(metrics_dir, exist_ok=True)
+    for name in os.listdir(metrics_dir):  # counts of an earlier run must not be added
+        if name.endswith(".db"):
+            os.remove(os.path.join(metrics_dir, name))
+    # Worker processes rebuild the app from the environment: pass the effective values,
+    # and the metrics directory to prometheus_client before they import it.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    os.environ["STREAM_REC_STORE__PATH"] = store.url
+    os.environ["STREAM_REC_STORE__KEEP_VERSIONS"] = str(store.keep_versions)
+    os.environ["STREAM_REC_KAFKA__BOOTSTRAP"] = settings.kafka.bootstrap
+    os.environ["STREAM_REC_KAFKA__TOPIC"] = settings.kafka.topic
+    effective = cfg.model_copy(update={"metrics_dir": metrics_dir})
+    for name, value in effective:
+        if value is not None:
+            os.environ[f"STREAM_REC_SERVE__{name.upper()}"] = \
+                value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+    try:
+        uvicorn.run("stream_rec.serving.app:app_from_environment", factory=True,
+                    workers=cfg.workers, **common)
+    finally:
+        if made:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _check_access(cfg: ServeSettings) -> None:
+    """A key file or certificate that cannot work fails here, in one line, before any process."""
+    ApiKeys.from_settings(cfg)
+    if cfg.ssl_certfile:
+        password = cfg.ssl_keyfile_password.get_secret_value() \
+            if cfg.ssl_keyfile_password else None
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
+                cfg.ssl_certfile, cfg.ssl_keyfile, password)
+        except OSError as exc:  # missing file, bad PEM, wrong passphrase (ssl.SSLError)
+            raise ValueError(f"serve.ssl_certfile / serve.ssl_keyfile: {exc}") from None
 
 
 def app_from_environment() -> FastAPI:

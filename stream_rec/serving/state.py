@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,27 @@ class Plan:
     query: np.ndarray | None
     exclude: np.ndarray
     overlay_events: int = 0  # the user's clicks past the version that the query includes
+
+
+@dataclass(frozen=True)
+class Click:
+    """One of a user's recent clicks: the item and its event time (epoch ms)."""
+
+    item_id: str
+    ts: int
+
+
+@dataclass(frozen=True)
+class Swap:
+    """A version this process swapped in, for the operator's page: versions over time."""
+
+    version: int
+    kind: str          # "full" or "delta"
+    created_at: float  # epoch s, on the worker
+    swapped_at: float  # epoch s, here
+    watermark: int | None
+    events: int | None  # events learned into the state, all-time (None: not recorded)
+    load_s: float      # load + verify + index
 
 
 class ServingState:
@@ -80,6 +102,42 @@ class ServingState:
 
     def meta(self) -> dict[str, Any]:
         return {"version": self.manifest.version, "watermark": self.manifest.watermark}
+
+    def status(self, follow: Any | None = None) -> dict[str, Any]:
+        """The body of ``/readyz``: what is served, and how far into the topic it reaches.
+
+        ``follow`` (a topic follower, or a bare overlay) adds the overlay's
+        state; a server that cannot reach the broker stays ready and says so.
+        """
+        m = self.manifest
+        body = {"ready": True, **self.meta(), "created_at": m.created_at,
+                "offsets": m.offsets, "counts": m.counts}
+        if isinstance(follow, Overlay):
+            body["overlay"] = {"following": False, "reach": dict(follow.reach),
+                               **follow.stats()}
+        elif follow is not None:
+            body["overlay"] = follow.status()
+        return body
+
+    def recent_clicks(self, user_id: str, limit: int | None = None,
+                      overlay: Overlay | None = None) -> list[Click]:
+        """A user's most recent clicks, newest first: the overlay's, then the version's.
+
+        The one place that says what a user recently did (the dashboard reads
+        it). The version keeps the last ``model.history`` clicks of each user;
+        the overlay adds those read from the topic past the version's offsets.
+        """
+        clicks: list[Click] = []
+        if overlay is not None and (mine := overlay.clicks(user_id)) is not None:
+            clicks = [Click(i, int(ts)) for i, ts in zip(mine.items, mine.ts)]
+        row = self.state.user_row(user_id)
+        if row is not None:
+            hist = self.state.tables[T.USER_HIST][row]
+            stamps = self.state.tables[T.USER_HIST_TS][row]
+            ids = self.state.item_ids
+            clicks += [Click(ids[r], int(ts)) for r, ts in zip(hist.tolist(), stamps.tolist())
+                       if r >= 0 and ids[r]]
+        return clicks[:limit] if limit is not None else clicks
 
     # -- answers: plan, search (batched by the app, directly here), answer --
     def plan(self, user_id: str, overlay: Overlay | None = None) -> Plan:
@@ -184,6 +242,8 @@ class SnapshotWatcher:
         self.poll_interval_s = poll_interval_s
         self.metrics = metrics
         self.current: ServingState | None = None
+        # The versions swapped in, oldest first (bounded: at 10 versions/s, about 7 min).
+        self.history: deque[Swap] = deque(maxlen=4096)
         self._refused: set[int] = set()
         self._retry_at = 0.0      # monotonic time before which a failed target is not retried
         self._backoff_s = 0.0
@@ -213,10 +273,14 @@ class SnapshotWatcher:
         new_state = ServingState(snapshot, current, self.index_kind, self.nprobe)
         self._backoff_s = 0.0
         self.current = new_state  # the swap: one reference, atomic under the GIL
+        load_s = time.perf_counter() - t0
+        m = new_state.manifest
+        self.history.append(Swap(m.version, m.kind, m.created_at, new_state.loaded_at,
+                                 m.watermark, m.counts.get("events"), load_s))
         if self.on_swap is not None:
             self.on_swap(new_state)
         if self.metrics:
-            self.metrics.observe_swap(new_state, time.perf_counter() - t0)
+            self.metrics.observe_swap(new_state, load_s)
         log.info("serving version %d (watermark %s)", new_state.version,
                  new_state.manifest.watermark)
         return True
