@@ -206,6 +206,9 @@ class ServeSettings(Section):
     # clicks shape their next answer before a version carries them; bounded overlay.
     follow_topic: bool = True
     overlay_max_events: int = Field(500_000, ge=1)
+    # Only these partitions (None: all) -- for replicas that answer only the users of
+    # some partitions, behind a router that sends each user to the replica of its partition.
+    follow_partitions: list[int] | None = None
 
     # With workers > 1 the processes share their metric values through files here, so that
     # /metrics answers the same sums whichever process serves the scrape. Emptied at start;

@@ -115,7 +115,8 @@ def create_app(store: SnapshotStore, cfg: ServeSettings | None = None,
     follower: TopicFollower | None = None
     if overlay is None and follow is not None and cfg.follow_topic:
         overlay = Overlay(history=follow.model.history, max_events=cfg.overlay_max_events)
-        follower = TopicFollower(follow.kafka, follow.events, overlay, metrics)
+        follower = TopicFollower(follow.kafka, follow.events, overlay, metrics,
+                                 partitions=cfg.follow_partitions)
     topic = follow.kafka.topic if follow is not None else None
 
     def rebase(current: ServingState) -> None:

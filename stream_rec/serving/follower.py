@@ -42,8 +42,10 @@ class TopicFollower:
     """
 
     def __init__(self, kafka: KafkaSettings, events: EventSettings, overlay: Overlay,
-                 metrics: Any | None = None, poll_ms: int = 20) -> None:
+                 metrics: Any | None = None, poll_ms: int = 20,
+                 partitions: list[int] | None = None) -> None:
         self.kafka = kafka
+        self.partitions = None if partitions is None else set(partitions)
         self.contract = Contract(events)
         self.overlay = overlay
         self.metrics = metrics
@@ -101,7 +103,8 @@ class TopicFollower:
                 if self._stop.wait(1.0):
                     return
                 parts = consumer.partitions_for_topic(self.kafka.topic)
-            tps = [TopicPartition(self.kafka.topic, p) for p in sorted(parts)]
+            tps = [TopicPartition(self.kafka.topic, p) for p in sorted(parts)
+                   if self.partitions is None or p in self.partitions]
             consumer.assign(tps)
             base: dict[int, int] = {}
             self._set(True, None)
