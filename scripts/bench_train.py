@@ -20,11 +20,10 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -42,16 +41,33 @@ def make_events(n: int, n_users: int, n_items: int, seed: int = 0):
     return [f"u{u}" for u in users], [f"i{i}" for i in items], ts
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts the aten operations dispatched from the host while active."""
+VIEWS = {"as_strided", "slice", "view", "select", "t", "transpose", "unsqueeze", "squeeze",
+         "expand", "detach", "alias", "_reshape_alias", "lift_fresh", "values", "permute",
+         "empty", "empty_strided", "resolve_conj", "resolve_neg", "result_type"}
 
-    def __init__(self) -> None:
-        super().__init__()
+
+class OpCounter:
+    """Counts the tensor operations that do work (views and metadata left out) the host
+    dispatches while active: top-level ``aten::`` calls in the torch profiler, autograd's
+    backward ones included (a dispatch mode would miss those), sub-calls not."""
+
+    def __enter__(self) -> Self:
+        from torch.profiler import ProfilerActivity, profile
+
+        self._prof = profile(activities=[ProfilerActivity.CPU])
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._prof.__exit__(*exc)
         self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
-        return func(*args, **(kwargs or {}))
+        for e in self._prof.events():
+            if not e.name.startswith("aten::") or e.name[6:] in VIEWS:
+                continue
+            p = e.cpu_parent
+            while p is not None and not p.name.startswith("aten::"):
+                p = p.cpu_parent
+            self.n += p is None
 
 
 def build(cfg: ModelConfig, device: str, step: str) -> StreamingModel:

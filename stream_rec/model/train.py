@@ -333,8 +333,13 @@ def seen_pairs(seen: Sequence[set[int]], users: np.ndarray) -> tuple[np.ndarray,
 class Trainer:
     """Prepares and runs training chunks for one model's :class:`Params`.
 
-    ``stats`` accumulates seconds spent preparing (host) and submitting or
-    running steps (on CPU the whole step; on CUDA the time to enqueue it).
+    :meth:`prepare` may run on another thread (with its own :class:`Workspace`)
+    or process, ahead of the device. Everything that touches the parameters --
+    :meth:`run`, the chunk-end ``Params.init_*`` / ``clear_*`` and exports --
+    must be called from one thread in chunk order; on CUDA they are queued on
+    one stream and return at once, so that thread is not held up by the device.
+    ``stats`` accumulates seconds spent preparing (host) and running (CPU) or
+    enqueuing (CUDA) steps.
     """
 
     def __init__(self, cfg: ModelConfig, params: Params, graphs: bool | None = None) -> None:
