@@ -129,7 +129,10 @@ def one_run(args: argparse.Namespace, cfg: ModelConfig, step: str, data: tuple) 
         out["step_only_events_per_s"] = step_only(model, kept, cfg.train_chunk)
         out["runner"] = dict(model.trainer.runner.counts)
     if model.device.type == "cuda" and args.profile_batches:
-        out.update(cuda_profile(model, feed, b0 + args.count_batches, args.profile_batches))
+        try:
+            out.update(cuda_profile(model, feed, b0 + args.count_batches, args.profile_batches))
+        except Exception as e:  # noqa: BLE001 -- a profiler problem must not lose the figures
+            out["cuda_profile_error"] = repr(e)
     return out
 
 
@@ -260,7 +263,8 @@ def main() -> int:
                 extra += f" | step alone {res['step_only_events_per_s']:,.0f} ev/s"
             print(f"{s:9} {res['events_per_s']:>10,.0f} ev/s | host ms/chunk "
                   f"{h['total']:.2f} = fast path+rest {h['fast_path_and_rest']:.2f} + prepare "
-                  f"{h['prepare']:.2f} + step {h['step']:.2f} | "
+                  f"{h['prepare']:.2f} + step {h['step']:.2f} "
+                  f"({res['host_us_per_event']:.1f} host us/event) | "
                   f"{res['host_ops_per_chunk']:.0f} ops/chunk{extra}", flush=True)
     summary = {s: {"events_per_s": statistics.median(x["events_per_s"] for x in rs),
                    "runs": rs} for s, rs in runs.items()}
