@@ -264,6 +264,10 @@ class StepRunner:
             run_step(self.p, self.cfg, b.shape, torch.from_numpy(b.buf))
             self.counts["eager"] += 1
             return
+        with torch.cuda.device(self.p.device):    # streams and events of the model's GPU
+            self._run_cuda(b)
+
+    def _run_cuda(self, b: StepBatch) -> None:
         pkey = self.p.key()
         if pkey != self._key:
             self._cache.clear()
