@@ -15,6 +15,7 @@ from .buffers import PendingChunk, ReplayRing
 from .config import ModelConfig
 from .fastpath import FastPath
 from .params import Params
+from .train import Trainer
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -35,6 +36,7 @@ class ModelCore:
         c = self.cfg
         self.params = Params(c, self.device)
         self.fast = FastPath(c, self.params.grow_users, self.params.grow_items)
+        self.trainer = Trainer(c, self.params)            # training steps on the device
         self.step = 0                                      # training chunks completed
         self.replay = ReplayRing(c.replay, c.history)
         self.chunk = PendingChunk(c.train_chunk, c.history)

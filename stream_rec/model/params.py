@@ -4,6 +4,13 @@ Row tables grow by capacity doubling (rows beyond ``n_users`` / ``n_items`` are
 spare capacity, zero). Rows are initialised when the training chunk that
 allocated them completes, seeded by ``(seed, step)`` so a replay or a restart
 draws the same values.
+
+Every row table is stored with one extra leading **scratch row** (tensor index
+0, always zero): the training step pads its row lists with it so that its
+shapes can be static, and prepared batches address table row ``r`` as ``r + 1``
+(see :mod:`.train`), which does not depend on the capacity. The public
+attributes (``item_out`` ...) are views without it, so row ``r`` is
+``item_out[r]`` everywhere else.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ class Params:
     ``user_vec`` (capU, D), ``user_acc`` (capU,); ``item_in`` / ``item_out``
     (capI, D), ``item_bias``, ``acc_in``, ``acc_out``, ``acc_bias`` (capI,);
     ``pos_w`` / ``pos_acc`` (H, NB) weight per (history slot, age bucket);
-    ``transition`` / ``transition_acc`` (D, D). All float32.
+    ``transition`` / ``transition_acc`` (D, D). All float32. ``full[name]`` is
+    the storage of a row table, scratch row 0 included ((cap + 1, ...)).
     """
 
     ITEM_ROWS = ("item_in", "item_out", "item_bias", "acc_in", "acc_out", "acc_bias")
@@ -33,29 +41,57 @@ class Params:
         f32: dict[str, Any] = {"dtype": torch.float32, "device": device}
         self.cfg = cfg
         self.device = device
-        self.user_vec = torch.zeros(capacity, D, **f32)
-        self.user_acc = torch.zeros(capacity, **f32)
-        self.item_in = torch.zeros(capacity, D, **f32)
-        self.item_out = torch.zeros(capacity, D, **f32)
-        self.item_bias = torch.zeros(capacity, **f32)
-        self.acc_in = torch.zeros(capacity, **f32)
-        self.acc_out = torch.zeros(capacity, **f32)
-        self.acc_bias = torch.zeros(capacity, **f32)
+        self.full: dict[str, torch.Tensor] = {}
+        for name in self.USER_ROWS + self.ITEM_ROWS:
+            width = (D,) if name in ("user_vec", "item_in", "item_out") else ()
+            self._set(name, torch.zeros((capacity + 1,) + width, **f32))
+        self._tie()
         self.pos_w = torch.from_numpy(initial_pos_w(cfg)).to(device)
         self.pos_acc = torch.zeros(H, n_buckets(cfg), **f32)
         self.transition = torch.zeros(D, D, **f32)
         self.transition_acc = torch.zeros(D, D, **f32)
 
+    def _set(self, name: str, full: torch.Tensor) -> None:
+        self.full[name] = full
+        setattr(self, name, full[1:])
+
     def grow_users(self, cap: int) -> None:
         for name in self.USER_ROWS:
-            setattr(self, name, _grow(getattr(self, name), cap))
+            self._set(name, _grow(self.full[name], cap + 1))
 
     def grow_items(self, cap: int) -> None:
         for name in self.ITEM_ROWS:
-            setattr(self, name, _grow(getattr(self, name), cap))
+            if not (self.cfg.tied and name == "item_in"):
+                self._set(name, _grow(self.full[name], cap + 1))
+        self._tie()
+
+    def _tie(self) -> None:
+        """Tied: ``item_in`` is ``item_out`` (one tensor), so they can never differ."""
+        if self.cfg.tied:
+            self._set("item_in", self.full["item_out"])
+
+    def key(self) -> tuple[tuple[int, int], ...]:
+        """(address, rows) of every tensor: changes whenever one is replaced or grown.
+
+        A captured CUDA graph holds raw addresses, so it is valid only while
+        this key is unchanged.
+        """
+        ts = list(self.full.values()) + [self.pos_w, self.pos_acc, self.transition,
+                                         self.transition_acc]
+        return tuple((t.data_ptr(), t.shape[0]) for t in ts)
+
+    def to_device(self, a: np.ndarray) -> torch.Tensor:
+        """``a`` on the device without a host sync (pinned, asynchronous copy on CUDA).
+
+        On CPU it is ``a`` itself (no copy); the caller must not change it afterwards.
+        """
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        if self.device.type == "cpu":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def rows(self, rows: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(rows, device=self.device)
+        return self.to_device(np.asarray(rows, dtype=np.int64))
 
     def init_users(self, rows: list[int]) -> None:
         """New users start with a zero vector: their query is their history."""
@@ -70,10 +106,10 @@ class Params:
         rng = np.random.default_rng([cfg.seed, 1, step])
         init = rng.standard_normal((2, len(arr), cfg.dim)).astype(np.float32) * cfg.init_std
         r = self.rows(arr)
-        self.item_in[r] = torch.from_numpy(init[0]).to(self.device)
-        self.item_out[r] = torch.from_numpy(init[1]).to(self.device)
-        if cfg.tied:
-            self.item_in[r] = self.item_out[r]
+        vals = self.to_device(init)
+        if not cfg.tied:
+            self.item_in[r] = vals[0]
+        self.item_out[r] = vals[1]
         for t in (self.item_bias, self.acc_in, self.acc_out, self.acc_bias):
             t[r] = 0.0
 
@@ -84,9 +120,9 @@ class Params:
 
     def clear_items(self, rows: np.ndarray) -> None:
         r = self.rows(rows)
-        for t in (self.item_in, self.item_out, self.item_bias, self.acc_in, self.acc_out,
-                  self.acc_bias):
-            t[r] = 0.0
+        for name in self.ITEM_ROWS:
+            if not (self.cfg.tied and name == "item_in"):
+                getattr(self, name)[r] = 0.0
 
 
 def n_buckets(cfg: ModelConfig) -> int:
@@ -106,7 +142,7 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu").numpy().copy()
 
 
-def _grow(t: torch.Tensor, cap: int) -> torch.Tensor:
-    out = torch.zeros((cap,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+def _grow(t: torch.Tensor, rows: int) -> torch.Tensor:
+    out = torch.zeros((rows,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
     out[: t.shape[0]] = t
     return out

@@ -30,7 +30,6 @@ from .core import ModelCore, resolve_device
 from .delta import StateDelta
 from .expiry import expire
 from .state import Changed, ModelState
-from .train import train_chunk
 
 __all__ = ["StreamingModel", "resolve_device"]
 
@@ -109,8 +108,9 @@ class StreamingModel(ModelCore):
         self.expiry_touched = []
         ch_i.extend([exp_i, new_i])
         if len(events):
-            tu, ti = train_chunk(self.params, self.cfg, events, self.replay, self.fast.seen,
-                                 self.fast.pop[:self.n_items], self.n_users, self.step)
+            tu, ti = self.trainer.train_chunk(events, self.replay, self.fast.seen,
+                                              self.fast.pop[:self.n_items], self.n_users,
+                                              self.step)
             ch_u.append(tu)
             ch_i.append(ti)
             self.replay.push(events)

@@ -2,270 +2,377 @@
 
 Each step scores the chunk's events (plus events replayed from the ring)
 against candidate items -- every in-batch target and uniform negatives -- and
-applies row-wise Adagrad to only the rows it touched. The host prepares a
-:class:`StepBatch` (rows, inverse indices, history slots, masks, the prior);
-nothing in it depends on the parameters, so it could be prepared ahead.
-:func:`sgd_step` is the device part.
+applies row-wise Adagrad to only the rows it touched.
+
+The work is split in two so that the host can run ahead of the device:
+
+* :func:`prepare_chunk` (host, numpy) draws replayed events and negatives and
+  turns the chunk into one packed ``int64`` buffer per step
+  (:class:`StepBatch`): rows, inverse indices, history slots, the users' seen
+  items, weights and the prior, padded to a bucketed :class:`StepShape`.
+  Nothing in it depends on the parameters.
+* :meth:`Trainer.run` (device, :mod:`.step`) sends each buffer in one
+  asynchronous copy and runs the explicit-gradient step on it: on CPU eagerly,
+  on CUDA as a captured graph replayed per shape.
+
+Row numbers in a buffer are table rows + 1: 0 is the tables' scratch row
+(:class:`~stream_rec.model.params.Params`), which pads every row list and
+stands for an empty history slot, so a buffer stays valid when the tables
+grow between its preparation and its step.
 """
 
 from __future__ import annotations
 
 import itertools
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from .buffers import Events, ReplayRing
 from .config import ModelConfig
 from .params import Params, n_buckets
 
+MASKED = -1e4   # logit of an excluded (event, candidate) cell and of a padding column
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """Padded sizes of one step; every list has at least one padding entry.
+
+    ``n`` events, ``h`` history slots, ``q`` distinct users, ``c`` candidates,
+    ``t`` item rows whose history-side gradient is accumulated (tied: history
+    rows and candidates; untied: history rows), ``k`` shared negatives (0: every
+    candidate is a negative of every event), ``s`` (user, seen item) pairs (0:
+    no seen mask). ``csr``: the history side is computed with sparse (CSR)
+    products (fast on CPU) rather than gathers and ``index_add_`` (see
+    :class:`Plan`).
+    """
+
+    n: int
+    h: int
+    q: int
+    c: int
+    t: int
+    k: int
+    s: int
+    csr: bool = False
+
+
+def layout(shape: StepShape, cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Where each field lies in a step's ``int64`` buffer: name -> (start, length).
+
+    Integer fields are ``int64`` words; the ``f32`` region holds the float32
+    fields back to back (``f32:<name>`` -> (start, length) in float32 units
+    within it). The one definition shared by the packer and the device step.
+    """
+    s = shape
+    nh = s.n * s.h
+    ints = [("user_of", s.n), ("users", s.q), ("hist", nh), ("hist_local", nh), ("slot", nh),
+            ("cand", s.c), ("label", s.n), ("rows", s.t)]
+    if cfg.tied:
+        ints.append(("cand_local", s.c))
+    if s.k:
+        ints.append(("shared", s.k))
+    if s.s:
+        ints += [("seen_owner", s.s), ("seen_item", s.s)]
+    if s.csr:
+        ints += [("perm", nh), ("col_t", nh), ("crow_t", s.t + 1)]
+    floats = [("weight", s.n), ("prior", s.c)]
+    if cfg.tied and cfg.l2 > 0:
+        floats.append(("l2coef", s.t))
+    out: dict[str, tuple[int, int]] = {}
+    pos = 0
+    for name, n in ints:
+        out[name] = (pos, n)
+        pos += n
+    fpos = 0
+    for name, n in floats:
+        out["f32:" + name] = (fpos, n)
+        fpos += n
+    out["f32"] = (pos, (fpos + 1) // 2)
+    out["total"] = (0, pos + (fpos + 1) // 2)
+    return out
+
 
 @dataclass
 class StepBatch:
-    """One gradient step over N events with history length H, prepared on the host.
+    """One prepared gradient step: its shape and its packed buffer (see :func:`layout`).
 
-    ``users`` (Q,) distinct user rows and ``user_of`` (N,) each event's index in
-    it; ``hist_rows`` (R,) distinct item rows of the histories and
-    ``hist_index`` (N * H,) each slot's index into ``hist_rows`` -- shifted by
-    one when ``has_pad``, index 0 then being the empty slot (a zero row);
-    ``slot_weight`` (N * H,) each slot's index into the flattened (H, NB)
-    slot weights. ``cand`` (C,) candidate item rows, ``label`` (N,) each
-    event's target in ``cand``, ``prior`` (C,) f32 added to the logits,
-    ``weight`` (N,) f32. ``shared`` (K,) indexes the candidates used as
-    negatives for every event (the event's own target is then scored apart),
-    ``None`` scoring all C. ``mask_rows`` / ``mask_cols`` name (event, logit
-    column) cells excluded from the softmax.
+    ``users`` / ``items`` are the real table rows it changes (for ``Changed``).
     """
 
+    shape: StepShape
+    buf: np.ndarray
     users: np.ndarray
-    user_of: np.ndarray
-    hist_rows: np.ndarray
-    hist_index: np.ndarray
-    has_pad: bool
-    n: int
-    h: int
-    slot_weight: np.ndarray
-    cand: np.ndarray
-    label: np.ndarray
-    prior: np.ndarray
-    weight: np.ndarray
-    shared: np.ndarray | None
-    mask_rows: np.ndarray
-    mask_cols: np.ndarray
+    items: np.ndarray
+
+    def field(self, cfg: ModelConfig, name: str) -> np.ndarray:
+        """A view of one field of ``buf`` (for tests and inspection)."""
+        lay = layout(self.shape, cfg)
+        if name in lay:
+            a, n = lay[name]
+            return self.buf[a:a + n]
+        a, _ = lay["f32"]
+        fa, n = lay["f32:" + name]
+        return self.buf[a:].view(np.float32)[fa:fa + n]
 
 
-def train_chunk(params: Params, cfg: ModelConfig, events: Events, replay: ReplayRing,
-                seen: list[set[int]], pop: np.ndarray, n_users: int, step: int
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """``cfg.steps`` gradient steps on a chunk's ``events``; returns (users, items) touched.
+@dataclass
+class PreparedChunk:
+    """The ``cfg.steps`` prepared steps of one chunk and every row they change."""
 
-    ``pop`` (I,) is the log popularity of the live item rows; ``seen`` the
-    users' seen sets (for ``mask_seen``). Draws are seeded by ``(seed, 2,
-    step)``, so a replay of the stream draws the same negatives.
+    steps: list[StepBatch]
+    users: np.ndarray
+    items: np.ndarray
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How steps are laid out for a device: padded sizes and the history-side kernels.
+
+    Sizes are rounded up to a multiple of ``granule`` (tight: little wasted
+    work, for CPU), or with ``geometric`` to 2^e * {1, 1.25, 1.5, 1.75}, so a
+    stream needs only a handful of distinct shapes -- one CUDA graph each.
+    ``csr``: history rows through sparse CSR products (several times faster
+    than gathers and ``index_add_`` on CPU); off on CUDA, where the gathers are
+    cheap and every kernel is capturable.
     """
+
+    granule: int = 16
+    geometric: bool = False
+    csr: bool = True
+
+    def size(self, n: int) -> int:
+        """Padded size >= n + 1 (room for at least one padding entry)."""
+        n = n + 1
+        if self.geometric and n > 64:
+            e = 1 << (n.bit_length() - 3)          # a quarter of the power of two below n
+            return -(-n // e) * e
+        g = self.granule
+        return -(-n // g) * g
+
+    @classmethod
+    def for_device(cls, device_type: str) -> Plan:
+        cuda = device_type == "cuda"
+        return cls(geometric=cuda, csr=not cuda)
+
+
+class Workspace:
+    """Reusable host scratch arrays of one preparing thread (do not share between threads)."""
+
+    def __init__(self) -> None:
+        self._present = np.zeros(0, dtype=bool)
+        self._pos = np.zeros(0, dtype=np.int64)
+
+    def unique_inverse(self, x: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """``np.unique(x, return_inverse=True)`` for ints in [0, n), without sorting.
+
+        O(len(x)) work plus one scan of n booleans; the arrays are kept between
+        calls, so nothing of size n is allocated or cleared per call.
+        """
+        if len(self._present) < n:
+            cap = max(n, 2 * len(self._present))
+            self._present = np.zeros(cap, dtype=bool)
+            self._pos = np.zeros(cap, dtype=np.int64)
+        present = self._present
+        present[x] = True
+        uniq = np.flatnonzero(present[:n])
+        present[uniq] = False
+        self._pos[uniq] = np.arange(len(uniq))
+        return uniq, self._pos[x]
+
+
+def prepare_chunk(cfg: ModelConfig, events: Events, replay: ReplayRing, seen: Sequence[set[int]],
+                  pop: np.ndarray, n_users: int, step: int, plan: Plan | None = None,
+                  ws: Workspace | None = None) -> PreparedChunk:
+    """Host part of a chunk's ``cfg.steps`` gradient steps; independent of the parameters.
+
+    Call it when the chunk closes -- after the fast path has applied exactly the
+    chunk's events and expiry has run, before the replay ring receives the
+    chunk -- so it reads the chunk-end state: ``seen`` (the users' seen sets, for
+    ``mask_seen``), ``pop`` (I,) log popularity of the live item rows,
+    ``n_users`` and the ring. It only reads them, copies what it keeps, and
+    never touches the parameters or the device, so it may run on another
+    thread while the device trains earlier chunks; the result is plain numpy,
+    picklable, and valid whatever the tables' capacity when it is run. Draws
+    are seeded by ``(seed, 2, step)``, so a replay of the stream draws the
+    same negatives.
+    """
+    plan = plan or Plan()
+    ws = ws or Workspace()
     rng = np.random.default_rng([cfg.seed, 2, step])
-    touched_u: list[np.ndarray] = []
-    touched_i: list[np.ndarray] = []
+    out: list[StepBatch] = []
     for _ in range(cfg.steps):
         batch = events
         k = min(cfg.replay_per_step, replay.size)
         if k > 0:
             batch = batch.concat(replay.draw(rng, k))
-        prepared = prepare_step(cfg, batch, rng, seen, pop, n_users)
-        sgd_step(params, cfg, prepared)
-        touched_u.append(prepared.users)
-        touched_i.extend([prepared.cand, prepared.hist_rows])
-    return np.concatenate(touched_u), np.concatenate(touched_i)
+        out.append(prepare_step(cfg, batch, rng, seen, pop, n_users, plan, ws))
+    return PreparedChunk(steps=out, users=np.concatenate([b.users for b in out]),
+                         items=np.concatenate([b.items for b in out]))
 
 
 def prepare_step(cfg: ModelConfig, ev: Events, rng: np.random.Generator,
-                 seen: list[set[int]], pop: np.ndarray, n_users: int) -> StepBatch:
-    """Negatives, candidates, inverse indices, masks and prior of one step (host only)."""
+                 seen: Sequence[set[int]], pop: np.ndarray, n_users: int,
+                 plan: Plan, ws: Workspace) -> StepBatch:
+    """Negatives, candidates, inverse indices, seen pairs and prior of one step, packed."""
     c = cfg
     live_items = len(pop)
+    n_ev, H = ev.hist.shape
     neg = rng.integers(0, live_items, size=c.negatives) if c.negatives else \
         np.zeros(0, dtype=np.int64)
     if len(neg):
         neg = neg[np.isfinite(pop[neg])]
-    shared = None
     if c.inbatch_negatives > 0:
         neg = np.concatenate([rng.choice(ev.item, size=c.inbatch_negatives), neg])
-    cand, label = _unique_inverse(np.concatenate([ev.item, neg]), live_items)
-    label = label[: len(ev.item)]
-    if c.inbatch_negatives > 0:
-        shared = np.unique(np.searchsorted(cand, neg))
-    uu, u_inv = _unique_inverse(ev.user, n_users)
-    # history slots: -1 (empty) maps to a zero row 0, item r to r + 1
-    hh, h_inv = _unique_inverse(ev.hist.reshape(-1) + 1, live_items + 1)
-    has_pad = bool(len(hh) and hh[0] == 0)
-    hrows = (hh[1:] if has_pad else hh) - 1
-    slot_w = (np.arange(ev.hist.shape[1])[None, :] * n_buckets(c) + ev.bucket).reshape(-1)
-    mask = None
-    if c.mask_seen:
-        mask = _seen_mask(ev, seen, cand, label, live_items)
-    elif c.mask_history:
-        # (event, candidate) pairs where the candidate is already in the history
-        bh = ev.hist
-        pos = np.minimum(np.searchsorted(cand, bh), len(cand) - 1)
-        hit = (cand[pos] == bh) & (pos != label[:, None])
-        evs = np.broadcast_to(np.arange(len(bh))[:, None], bh.shape)
-        mask = (evs[hit], pos[hit])
+    cand, label = ws.unique_inverse(np.concatenate([ev.item, neg]), live_items)
+    label = label[:n_ev]
+    uu, u_inv = ws.unique_inverse(ev.user, n_users)
+    hist = ev.hist.reshape(-1)
+    empty = hist < 0
+    # history rows (and, tied, the candidates) as one row list; -1 (empty) becomes 0
+    both = np.concatenate([hist, cand]) if c.tied else hist
+    rows1, inv = ws.unique_inverse(both + 1, live_items + 1)
+    has_empty = bool(len(rows1) and rows1[0] == 0)
+    rows1 = rows1[int(has_empty):]                   # real rows, + 1
+    shared = np.unique(np.searchsorted(cand, neg)) if c.inbatch_negatives > 0 else None
+    pairs = seen_pairs(seen, uu) if c.mask_seen else None
+
+    size = plan.size
+    shape = StepShape(n=size(n_ev), h=H, q=size(len(uu)), c=size(len(cand)),
+                      t=size(len(rows1)), k=size(len(shared)) if shared is not None else 0,
+                      s=size(len(pairs[0])) if pairs is not None else 0, csr=plan.csr)
+    lay = layout(shape, c)
+    buf = np.zeros(lay["total"][1], dtype=np.int64)
+    fbuf = buf[lay["f32"][0]:].view(np.float32)
+
+    def put(name: str, values: np.ndarray, front: bool = False) -> None:
+        """Write a field: real values at the end (``front`` padding) or at the start."""
+        a, n = lay[name]
+        if front:
+            buf[a + n - len(values):a + n] = values
+        else:
+            buf[a:a + len(values)] = values
+
+    def putf(name: str, values: np.ndarray, fill: float = 0.0, front: bool = False) -> None:
+        a, n = lay["f32:" + name]
+        fbuf[a:a + n] = fill
+        if front:
+            fbuf[a + n - len(values):a + n] = values
+        else:
+            fbuf[a:a + len(values)] = values
+
+    # lists are front-padded (pad entries hold row 0 at local index 0); events are
+    # back-padded (weight 0, user and label 0, every slot empty)
+    pq, pc, pt = shape.q - len(uu), shape.c - len(cand), shape.t - len(rows1)
+    put("users", uu + 1, front=True)
+    put("user_of", u_inv + pq)
+    put("cand", cand + 1, front=True)                # sorted: padding zeros come first
+    put("label", label + pc)
+    put("rows", rows1, front=True)
+    local = np.where(empty, 0, inv[:len(hist)] - has_empty + pt)
+    put("hist", hist + 1)
+    put("hist_local", local)
+    slot = (np.arange(H)[None, :] * n_buckets(c) + ev.bucket).reshape(-1)
+    put("slot", np.where(empty, H * n_buckets(c), slot))
+    a, n = lay["slot"]
+    buf[a + len(slot):a + n] = H * n_buckets(c)       # padding events: empty slots
+    if c.tied:
+        put("cand_local", inv[len(hist):] - has_empty + pt, front=True)
+    if plan.csr:
+        # slots grouped by history row: the transposed (rows x events) CSR pattern
+        full_local = np.zeros(shape.n * H, dtype=np.int64)
+        full_local[:len(local)] = local
+        key = full_local.astype(np.uint16) if shape.t <= 1 << 16 else full_local
+        perm = np.argsort(key, kind="stable")
+        put("perm", perm)
+        put("col_t", perm // H)
+        a, _ = lay["crow_t"]
+        np.cumsum(np.bincount(full_local, minlength=shape.t), out=buf[a + 1:a + 1 + shape.t])
+    if shared is not None:
+        put("shared", shared + pc, front=True)
+    if pairs is not None:
+        owner, items = pairs
+        put("seen_owner", owner + pq)
+        put("seen_item", items + 1)
+    putf("weight", ev.weight)
+    putf("prior", _prior(c, cand, label, pop), fill=MASKED, front=True)
+    if c.tied and c.l2 > 0:
+        # L2 on each distinct history row and on each candidate (a row that is both: twice)
+        coef = np.zeros(shape.t, dtype=np.float32)
+        coef[local[~empty]] = 1.0
+        coef[inv[len(hist):] - has_empty + pt] += 1.0
+        putf("l2coef", 2.0 * c.l2 * coef)
+    items = rows1 - 1 if c.tied else np.concatenate([rows1 - 1, cand])
+    return StepBatch(shape=shape, buf=buf, users=uu, items=items)
+
+
+def _prior(c: ModelConfig, cand: np.ndarray, label: np.ndarray, pop: np.ndarray) -> np.ndarray:
+    """Per-candidate logit offset (C,) f32: weighted log popularity, minus logQ."""
     pc = pop[cand]
-    prior = c.pop_weight * (pc - pc.max())
+    prior = c.pop_weight * (pc - pc.max()) if len(cand) else pc
     if c.logq > 0:
         expected = np.bincount(label, minlength=len(cand)) + c.negatives / max(len(pop), 1)
         prior = prior - c.logq * np.log(expected)
-    mrow = mcol = np.zeros(0, dtype=np.int64)
-    if shared is None:
-        if mask is not None:
-            mrow, mcol = mask
-    else:
-        col = np.full(len(cand), -1, dtype=np.int64)
-        col[shared] = np.arange(1, len(shared) + 1)
-        hit_r = np.flatnonzero(col[label] > 0)                                 # accidental hits
-        mrow, mcol = hit_r, col[label[hit_r]]
-        if mask is not None and len(mask[0]):
-            keep = col[mask[1]] > 0
-            mrow = np.concatenate([mrow, mask[0][keep]])
-            mcol = np.concatenate([mcol, col[mask[1][keep]]])
-    n, h = ev.hist.shape
-    return StepBatch(users=uu, user_of=u_inv, hist_rows=hrows, hist_index=h_inv,
-                     has_pad=has_pad, n=n, h=h, slot_weight=slot_w, cand=cand, label=label,
-                     prior=prior.astype(np.float32), weight=ev.weight, shared=shared,
-                     mask_rows=mrow, mask_cols=mcol)
+    return prior.astype(np.float32)
 
 
-def _seen_mask(ev: Events, seen: list[set[int]], cand: np.ndarray, label: np.ndarray,
-               live_items: int) -> tuple[np.ndarray, np.ndarray]:
-    """(event, candidate) pairs where the candidate is in the user's seen set (not the target).
+def seen_pairs(seen: Sequence[set[int]], users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(index into ``users``, item row) of every item the step's distinct users have seen.
 
-    Seen rows of each distinct user, then expanded to that user's events.
+    The device matches them against the candidates; the host only lists them.
     """
-    bu = ev.user
-    uniq_u, u_pos = np.unique(bu, return_inverse=True)
-    sets = [seen[x] for x in uniq_u.tolist()]
-    ulen = np.fromiter(map(len, sets), np.int64, len(sets))
-    uflat = np.fromiter(itertools.chain.from_iterable(sets), np.int64, int(ulen.sum()))
-    # candidate column of each (distinct user, seen item); most are not candidates,
-    # so keep the pairs that are before expanding them to the user's events
-    col = np.full(live_items, -1, dtype=np.int64)
-    col[cand] = np.arange(len(cand))
-    ucol = col[uflat]
-    keep = ucol >= 0
-    pair_col = ucol[keep]
-    per_user = np.bincount(np.repeat(np.arange(len(sets)), ulen)[keep], minlength=len(sets))
-    pstart = np.cumsum(per_user) - per_user
-    lens = per_user[u_pos]
-    evs = np.repeat(np.arange(len(bu)), lens)
-    # index of each (event, k) into pair_col: start of its user's pairs + k
-    offs = np.arange(len(evs)) - np.repeat(np.cumsum(lens) - lens, lens)
-    pos = pair_col[pstart[u_pos][evs] + offs]
-    hit = pos != label[evs]
-    return evs[hit], pos[hit]
+    sets = [seen[x] for x in users.tolist()]
+    lens = np.fromiter(map(len, sets), np.int64, len(sets))
+    items = np.fromiter(itertools.chain.from_iterable(sets), np.int64, int(lens.sum()))
+    return np.repeat(np.arange(len(sets)), lens), items
 
 
-def sgd_step(p: Params, cfg: ModelConfig, b: StepBatch) -> None:
-    """One sampled-softmax step on the device: loss, gradients, row-wise Adagrad."""
-    c = cfg
-    dev = p.device
-    t_uu = torch.as_tensor(b.users, device=dev)
-    t_hr = torch.as_tensor(b.hist_rows, device=dev)
-    t_c = torch.as_tensor(b.cand, device=dev)
-    U = p.user_vec[t_uu].requires_grad_(c.use_user_vector)
-    if c.tied:
-        rows = np.union1d(b.hist_rows, b.cand)
-        t_r = torch.as_tensor(rows, device=dev)
-        Er = p.item_out[t_r].requires_grad_(True)
-        Ei = Er[torch.as_tensor(np.searchsorted(rows, b.hist_rows), device=dev)]
-        Eo = Er[torch.as_tensor(np.searchsorted(rows, b.cand), device=dev)]
-    else:
-        Ei = p.item_in[t_hr].requires_grad_(True)
-        Eo = p.item_out[t_c].requires_grad_(True)
-    Bc = p.item_bias[t_c].requires_grad_(True)
-    pw = p.pos_w.clone().requires_grad_(True)
-    # weighted sum of history input embeddings, one bag per event (N, D)
-    N, H = b.n, b.h
-    idx = torch.as_tensor(b.hist_index, device=dev)
-    psw = pw.reshape(-1)[torch.as_tensor(b.slot_weight, device=dev)]            # (N * H,)
-    if b.has_pad:
-        Ei_full = torch.cat([torch.zeros(1, Ei.shape[1], device=dev), Ei])
-        psw = psw * (idx > 0).to(torch.float32)
-    else:
-        Ei_full = Ei
-    offsets = torch.arange(0, N * H, H, device=dev)
-    q = torch.nn.functional.embedding_bag(idx, Ei_full, offsets, mode="sum",
-                                          per_sample_weights=psw)
-    if c.transition:
-        Mv = p.transition.clone().requires_grad_(True)
-        last = idx.view(N, H)[:, 0]
-        q = q + Ei_full[last] @ Mv
-    if c.use_user_vector:
-        q = q + U[torch.as_tensor(b.user_of, device=dev)]
-    prior = torch.as_tensor(b.prior, device=dev)
-    qs = c.scale * q
-    t_label = torch.as_tensor(b.label, device=dev)
-    if b.shared is None:
-        logits = qs @ Eo.T + (Bc + prior)                                       # (N, C)
-        target = t_label
-    else:
-        t_sh = torch.as_tensor(b.shared, device=dev)
-        pos = (qs * Eo[t_label]).sum(1) + (Bc + prior)[t_label]               # (N,)
-        negl = qs @ Eo[t_sh].T + (Bc + prior)[t_sh]                            # (N, K)
-        logits = torch.cat([pos[:, None], negl], dim=1)                        # (N, 1 + K)
-        target = torch.zeros(len(b.label), dtype=torch.long, device=dev)
-    if len(b.mask_rows):
-        # in place: the preceding add does not need its output for backward
-        logits.index_put_((torch.as_tensor(b.mask_rows, device=dev),
-                           torch.as_tensor(b.mask_cols, device=dev)),
-                          torch.tensor(-1e4, device=dev))
-    ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
-    loss = (ce * torch.as_tensor(b.weight, device=dev)).sum()
-    if c.l2 > 0:
-        loss = loss + c.l2 * (Ei.pow(2).sum() + Eo.pow(2).sum() + U.pow(2).sum())
-    params = [Er, Er, Bc, pw] if c.tied else [Ei, Eo, Bc, pw]
-    params += [U] if c.use_user_vector else []
-    params += [Mv] if c.transition else []
-    grads = torch.autograd.grad(loss, params[1:] if c.tied else params)
-    if c.tied:  # the tied table's gradient arrives through the output side
-        grads = (None,) + grads  # type: ignore[assignment]
-    lr = c.lr
-    with torch.no_grad():
-        if c.tied:
-            _adagrad_rows(p.item_out, p.acc_out, t_r, Er, grads[1], lr, c.acc_decay)
-            p.item_in[t_r] = p.item_out[t_r]
-        else:
-            _adagrad_rows(p.item_in, p.acc_in, t_hr, Ei, grads[0], lr, c.acc_decay)
-            _adagrad_rows(p.item_out, p.acc_out, t_c, Eo, grads[1], lr, c.acc_decay)
-        acc = c.acc_decay * p.acc_bias[t_c] + grads[2].pow(2)
-        p.acc_bias[t_c] = acc
-        p.item_bias[t_c] = Bc.detach() - lr * grads[2] / (acc.sqrt() + 1e-8)
-        p.pos_acc += grads[3].pow(2)
-        p.pos_w -= c.pos_lr_scale * lr * grads[3] / (p.pos_acc.sqrt() + 1e-8)
-        if c.use_user_vector:
-            _adagrad_rows(p.user_vec, p.user_acc, t_uu, U, grads[4], lr, c.acc_decay)
-        if c.transition:
-            g = grads[-1]
-            p.transition_acc += g.pow(2)
-            p.transition -= c.pos_lr_scale * lr * g / (p.transition_acc.sqrt() + 1e-8)
+class Trainer:
+    """Prepares and runs training chunks for one model's :class:`Params`.
 
-
-def _adagrad_rows(table: torch.Tensor, acc: torch.Tensor, rows: torch.Tensor,
-                  value: torch.Tensor, grad: torch.Tensor, lr: float, decay: float) -> None:
-    """Row-wise Adagrad on the unique ``rows`` (R,) of ``table`` (cap, D).
-
-    ``decay`` < 1 shrinks the accumulator of touched rows first, so step sizes
-    stop shrinking for ever -- items keep adapting as tastes drift.
+    :meth:`prepare` may run on another thread (with its own :class:`Workspace`)
+    or process, ahead of the device. Everything that touches the parameters --
+    :meth:`run`, the chunk-end ``Params.init_*`` / ``clear_*`` and exports --
+    must be called from one thread in chunk order; on CUDA they are queued on
+    one stream and return at once, so that thread is not held up by the device.
+    ``stats`` accumulates seconds spent preparing (host) and running (CPU) or
+    enqueuing (CUDA) steps.
     """
-    a = decay * acc[rows] + grad.pow(2).mean(dim=1)
-    acc[rows] = a
-    table[rows] = value.detach() - lr * grad / (a.sqrt()[:, None] + 1e-8)
 
+    def __init__(self, cfg: ModelConfig, params: Params, graphs: bool | None = None) -> None:
+        from .step import StepRunner
 
-def _unique_inverse(x: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """``np.unique(x, return_inverse=True)`` for ints in [0, n) in O(len(x) + n)."""
-    present = np.zeros(n, dtype=bool)
-    present[x] = True
-    uniq = np.flatnonzero(present)
-    pos = np.cumsum(present) - 1
-    return uniq.astype(np.int64), pos[x].astype(np.int64)
+        self.cfg = cfg
+        self.params = params
+        self.plan = Plan.for_device(params.device.type)
+        self.ws = Workspace()
+        self.runner = StepRunner(params, cfg, graphs=graphs)
+        self.stats = {"chunks": 0, "steps": 0, "prepare_s": 0.0, "step_s": 0.0}
+
+    def prepare(self, events: Events, replay: ReplayRing, seen: Sequence[set[int]],
+                pop: np.ndarray, n_users: int, step: int) -> PreparedChunk:
+        """:func:`prepare_chunk` with this trainer's buckets and workspace."""
+        t0 = time.perf_counter()
+        out = prepare_chunk(self.cfg, events, replay, seen, pop, n_users, step,
+                            self.plan, self.ws)
+        self.stats["prepare_s"] += time.perf_counter() - t0
+        return out
+
+    def run(self, chunk: PreparedChunk) -> None:
+        """Queue the chunk's steps on the device (CPU: run them)."""
+        t0 = time.perf_counter()
+        for b in chunk.steps:
+            self.runner.run(b)
+        self.stats["step_s"] += time.perf_counter() - t0
+        self.stats["chunks"] += 1
+        self.stats["steps"] += len(chunk.steps)
+
+    def train_chunk(self, events: Events, replay: ReplayRing, seen: Sequence[set[int]],
+                    pop: np.ndarray, n_users: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Prepare and run a chunk; returns the (users, items) rows it changes."""
+        chunk = self.prepare(events, replay, seen, pop, n_users, step)
+        self.run(chunk)
+        return chunk.users, chunk.items
