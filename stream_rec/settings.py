@@ -154,7 +154,12 @@ class WorkerSettings(Section):
     full_every_versions: int = Field(200, ge=1)
     full_every_s: float = Field(300.0, gt=0)
     device: str = "auto"
-    # CPU threads for torch's kernels; 0 keeps torch's default (one per core).
+    # Two processes: one consumes and validates, one trains and publishes, joined by a
+    # shared-memory ring of ring_slots micro-batches (stream_rec/worker/pipeline.py).
+    pipeline: bool = True
+    ring_slots: int = Field(8, ge=2)
+    # CPU threads for torch's kernels; 0 keeps torch's default (one per core; with the
+    # pipeline, one fewer than the cores, leaving one to the consumer process).
     # The polling thread needs a core too, so on small machines fewer can be faster.
     torch_threads: int = Field(0, ge=0)
     metrics_port: int = 0  # 0 = no metrics/health endpoint (/metrics, /healthz)

@@ -15,7 +15,7 @@ from .buffers import PendingChunk, ReplayRing
 from .config import ModelConfig
 from .fastpath import FastPath
 from .params import Params
-from .train import Trainer
+from .trainer import Trainer
 
 
 def resolve_device(device: str = "auto") -> torch.device:

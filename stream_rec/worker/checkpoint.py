@@ -65,6 +65,7 @@ class Checkpoint:
         self.events = 0                     # valid events in the model
         self.version: int | None = None     # newest durable version
         self.restored: Manifest | None = None
+        self.durable_offsets: dict[int, int] | None = None  # set where no publisher runs
         self.dirty = False                  # learned anything since the last publish?
         self.publisher: Publisher | None = None
         self._changed_users: list[np.ndarray] = []
@@ -132,6 +133,8 @@ class Checkpoint:
 
     def published_offsets(self) -> dict[int, int]:
         """The offsets of the newest durable version (where a restart would resume)."""
+        if self.durable_offsets is not None:  # a pipeline's consumer, told by its trainer
+            return dict(self.durable_offsets)
         published = self.publisher.parent if self.publisher is not None else self.restored
         return dict(published.offsets.get(self.topic, {})) if published else {}
 
@@ -162,6 +165,13 @@ class Checkpoint:
                 self.offsets[rec.partition] = rec.offset + 1
         if records:
             self.dirty = True
+
+    def advance_to(self, ends: dict[int, int]) -> None:
+        """The model now holds every record before ``ends`` (partition -> next offset)."""
+        for p, end in ends.items():
+            if end > self.offsets.get(p, -1):
+                self.offsets[p] = end
+                self.dirty = True
 
     # -- the commit sequence --------------------------------------------
     def publish(self, model: StreamingModel, dlq: DeadLetterSink) -> None:

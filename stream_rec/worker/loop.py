@@ -38,7 +38,7 @@ from stream_rec.snapshot.lease import Lease
 from stream_rec.snapshot.publisher import FullPolicy
 
 from .checkpoint import Checkpoint, NonFinite
-from .health import Health, LeaseKeeper, serve_health
+from .health import Health, LeaseKeeper
 from .source import BoundedSource, Bounds, GroupSource
 from .topic import TopicGuard
 
@@ -352,18 +352,3 @@ class Worker:
                   manifest.version, manifest.counts.get("events"), manifest.watermark)
         if self.on_publish:
             self.on_publish(manifest.version)
-
-
-def run_worker(settings: Settings, stop: threading.Event | None = None) -> int:
-    """``stream-rec worker``: 0 after a requested stop, 3 when fenced by another writer."""
-    worker = Worker(settings, stop=stop)
-    if stop is None:
-        worker.install_signal_handlers()
-    if settings.worker.metrics_port:
-        serve_health(worker.health.check, worker.metrics.registry, settings.worker.metrics_port,
-                     host=settings.worker.metrics_host)
-    try:
-        return worker.run()
-    except Fenced as exc:
-        log.error("fenced: %s", exc)
-        return 3
