@@ -10,7 +10,6 @@ nothing in it depends on the parameters, so it could be prepared ahead.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 from .buffers import Events, ReplayRing
 from .config import ModelConfig
 from .params import Params, n_buckets
+from .seen import SeenLists
 
 
 @dataclass
@@ -56,12 +56,12 @@ class StepBatch:
 
 
 def train_chunk(params: Params, cfg: ModelConfig, events: Events, replay: ReplayRing,
-                seen: list[set[int]], pop: np.ndarray, n_users: int, step: int
+                seen: SeenLists, pop: np.ndarray, n_users: int, step: int
                 ) -> tuple[np.ndarray, np.ndarray]:
     """``cfg.steps`` gradient steps on a chunk's ``events``; returns (users, items) touched.
 
     ``pop`` (I,) is the log popularity of the live item rows; ``seen`` the
-    users' seen sets (for ``mask_seen``). Draws are seeded by ``(seed, 2,
+    users' seen lists (for ``mask_seen``). Draws are seeded by ``(seed, 2,
     step)``, so a replay of the stream draws the same negatives.
     """
     rng = np.random.default_rng([cfg.seed, 2, step])
@@ -80,7 +80,7 @@ def train_chunk(params: Params, cfg: ModelConfig, events: Events, replay: Replay
 
 
 def prepare_step(cfg: ModelConfig, ev: Events, rng: np.random.Generator,
-                 seen: list[set[int]], pop: np.ndarray, n_users: int) -> StepBatch:
+                 seen: SeenLists, pop: np.ndarray, n_users: int) -> StepBatch:
     """Negatives, candidates, inverse indices, masks and prior of one step (host only)."""
     c = cfg
     live_items = len(pop)
@@ -136,7 +136,7 @@ def prepare_step(cfg: ModelConfig, ev: Events, rng: np.random.Generator,
                      mask_rows=mrow, mask_cols=mcol)
 
 
-def _seen_mask(ev: Events, seen: list[set[int]], cand: np.ndarray, label: np.ndarray,
+def _seen_mask(ev: Events, seen: SeenLists, cand: np.ndarray, label: np.ndarray,
                live_items: int) -> tuple[np.ndarray, np.ndarray]:
     """(event, candidate) pairs where the candidate is in the user's seen set (not the target).
 
@@ -144,9 +144,8 @@ def _seen_mask(ev: Events, seen: list[set[int]], cand: np.ndarray, label: np.nda
     """
     bu = ev.user
     uniq_u, u_pos = np.unique(bu, return_inverse=True)
-    sets = [seen[x] for x in uniq_u.tolist()]
-    ulen = np.fromiter(map(len, sets), np.int64, len(sets))
-    uflat = np.fromiter(itertools.chain.from_iterable(sets), np.int64, int(ulen.sum()))
+    uptr, uflat = seen.gather(uniq_u)
+    ulen = np.diff(uptr)
     # candidate column of each (distinct user, seen item); most are not candidates,
     # so keep the pairs that are before expanding them to the user's events
     col = np.full(live_items, -1, dtype=np.int64)
@@ -154,7 +153,7 @@ def _seen_mask(ev: Events, seen: list[set[int]], cand: np.ndarray, label: np.nda
     ucol = col[uflat]
     keep = ucol >= 0
     pair_col = ucol[keep]
-    per_user = np.bincount(np.repeat(np.arange(len(sets)), ulen)[keep], minlength=len(sets))
+    per_user = np.bincount(np.repeat(np.arange(len(uniq_u)), ulen)[keep], minlength=len(uniq_u))
     pstart = np.cumsum(per_user) - per_user
     lens = per_user[u_pos]
     evs = np.repeat(np.arange(len(bu)), lens)
