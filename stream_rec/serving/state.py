@@ -76,7 +76,7 @@ class ServingState:
     # -- answers: plan, search (batched by the app, directly here), answer --
     def plan(self, user_id: str) -> Plan:
         """What ``user_id``'s answer searches: their query, minus the items they saw."""
-        row = self.state.user_row(user_id)
+        row = self.state.query_row(user_id)
         if row is None:
             return Plan(None, np.zeros(0, dtype=np.int64))
         query = self.state.query(np.array([row], dtype=np.int64))[0]
