@@ -23,8 +23,6 @@ grow between its preparation and its step.
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +30,7 @@ import numpy as np
 from .buffers import Events, ReplayRing
 from .config import ModelConfig
 from .params import n_buckets
+from .seen import SeenLists
 
 MASKED = -1e4   # logit of an excluded (event, candidate) cell and of a padding column
 
@@ -183,7 +182,7 @@ class Workspace:
         return uniq, self._pos[x]
 
 
-def prepare_chunk(cfg: ModelConfig, events: Events, replay: ReplayRing, seen: Sequence[set[int]],
+def prepare_chunk(cfg: ModelConfig, events: Events, replay: ReplayRing, seen: SeenLists,
                   pop: np.ndarray, n_users: int, step: int, plan: Plan | None = None,
                   ws: Workspace | None = None) -> PreparedChunk:
     """Host part of a chunk's ``cfg.steps`` gradient steps; independent of the parameters.
@@ -214,7 +213,7 @@ def prepare_chunk(cfg: ModelConfig, events: Events, replay: ReplayRing, seen: Se
 
 
 def prepare_step(cfg: ModelConfig, ev: Events, rng: np.random.Generator,
-                 seen: Sequence[set[int]], pop: np.ndarray, n_users: int,
+                 seen: SeenLists, pop: np.ndarray, n_users: int,
                  plan: Plan, ws: Workspace) -> StepBatch:
     """Negatives, candidates, inverse indices, seen pairs and prior of one step, packed."""
     c = cfg
@@ -318,12 +317,10 @@ def _prior(c: ModelConfig, cand: np.ndarray, label: np.ndarray, pop: np.ndarray)
     return prior.astype(np.float32)
 
 
-def seen_pairs(seen: Sequence[set[int]], users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def seen_pairs(seen: SeenLists, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(index into ``users``, item row) of every item the step's distinct users have seen.
 
     The device matches them against the candidates; the host only lists them.
     """
-    sets = [seen[x] for x in users.tolist()]
-    lens = np.fromiter(map(len, sets), np.int64, len(sets))
-    items = np.fromiter(itertools.chain.from_iterable(sets), np.int64, int(lens.sum()))
-    return np.repeat(np.arange(len(sets)), lens), items
+    ptr, items = seen.gather(users)
+    return np.repeat(np.arange(len(users)), np.diff(ptr)), items

@@ -7,13 +7,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 
 import numpy as np
 
 from .buffers import Events, ReplayRing
 from .config import ModelConfig
 from .params import Params
+from .seen import SeenLists
 from .step import StepRunner
 from .train import Plan, PreparedChunk, Workspace, prepare_chunk
 
@@ -38,7 +38,7 @@ class Trainer:
         self.runner = StepRunner(params, cfg, graphs=graphs)
         self.stats = {"chunks": 0, "steps": 0, "prepare_s": 0.0, "step_s": 0.0}
 
-    def prepare(self, events: Events, replay: ReplayRing, seen: Sequence[set[int]],
+    def prepare(self, events: Events, replay: ReplayRing, seen: SeenLists,
                 pop: np.ndarray, n_users: int, step: int) -> PreparedChunk:
         """:func:`prepare_chunk` with this trainer's buckets and workspace."""
         t0 = time.perf_counter()
@@ -56,7 +56,7 @@ class Trainer:
         self.stats["chunks"] += 1
         self.stats["steps"] += len(chunk.steps)
 
-    def train_chunk(self, events: Events, replay: ReplayRing, seen: Sequence[set[int]],
+    def train_chunk(self, events: Events, replay: ReplayRing, seen: SeenLists,
                     pop: np.ndarray, n_users: int, step: int) -> tuple[np.ndarray, np.ndarray]:
         """Prepare and run a chunk; returns the (users, items) rows it changes."""
         chunk = self.prepare(events, replay, seen, pop, n_users, step)

@@ -162,7 +162,7 @@ class Overlay:
             filled = hist >= 0
             return UserClicks(items=[ids[r] for r in hist[filled].tolist()],
                               ts=hts[filled].tolist(),
-                              seen=[ids[r] for r in sorted(fast.seen[row])],
+                              seen=[ids[r] for r in fast.seen.rows(row).tolist()],
                               events=self._users.get(user_id, 0))
 
     def stats(self) -> dict[str, int]:

@@ -148,7 +148,7 @@ class ServingState:
         (those past the version's offsets), newest first. A user the version
         does not know but the overlay does gets a query from those clicks alone.
         """
-        row = self.state.user_row(user_id)
+        row = self.state.query_row(user_id)  # own row, else a shared one (admission pending)
         clicks = overlay.clicks(user_id) if overlay is not None else None
         if clicks is None:
             if row is None:

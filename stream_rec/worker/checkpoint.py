@@ -83,7 +83,7 @@ class Checkpoint:
         self.restored = m
         log.info("restored version %d: %s events, offsets %s", m.version,
                  m.counts.get("events"), self.offsets)
-        return StreamingModel.from_state(snapshot.state, device=device)
+        return StreamingModel.from_state(snapshot.state, device=device, cfg=cfg)
 
     def start_publisher(self) -> Publisher:
         self.publisher = Publisher(self.store, self.restored)
@@ -113,7 +113,7 @@ class Checkpoint:
             model = StreamingModel(cfg, device=device)
             self.watermark, self.events = None, 0
         else:
-            model = StreamingModel.from_state(snapshot.state, device=device)
+            model = StreamingModel.from_state(snapshot.state, device=device, cfg=cfg)
             self.watermark = snapshot.manifest.watermark
             self.events = int(snapshot.manifest.counts.get("events", 0))
         self.offsets = target
