@@ -110,7 +110,16 @@ class RestoreRefused(ValueError):
 
 
 def config_of_state(config: dict[str, Any]) -> ModelConfig:
-    """The configuration a state was built with (fields it predates at their old behaviour)."""
+    """The configuration a state was built with (fields it predates at their old behaviour).
+
+    A field this version does not know means a newer version wrote the state:
+    refused by name, rather than restored under settings it does not have.
+    """
+    unknown = sorted(set(config) - set(ModelConfig.model_fields))
+    if unknown:
+        raise RestoreRefused(f"the state was written with model settings this version does "
+                             f"not know ({', '.join(unknown)}): restore it with the version "
+                             "that wrote it")
     return ModelConfig(**{**LEGACY_VALUES, **config})
 
 
