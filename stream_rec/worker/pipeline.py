@@ -63,6 +63,8 @@ class PipelineWorker(Worker):
         self._shared: Shared | None = None
         self._proc: Any = None
         self._pending: list[tuple[Any, ...]] = []  # trainer messages read while waiting
+        # CPU and wait times the trainer reports when it stops (for benchmarks)
+        self.trainer_stats: dict[str, float] = {}
         self.checkpoint.durable_offsets = {}
 
     # -- the process pair ------------------------------------------------------
@@ -94,6 +96,7 @@ class PipelineWorker(Worker):
             require_topics(self.kafka, [self.kafka.dlq_topic])
             dlq = DeadLetterWriter(make_producer(self.kafka), self.kafka.dlq_topic)
             self._loop(dlq)
+            self._messages(dlq)
             if self.confirm_topic():
                 self._ring.send(("confirmed",))
             return self._stop_trainer(dlq)
@@ -124,6 +127,7 @@ class PipelineWorker(Worker):
                 self.apply(records, dlq)
             if time.monotonic() - last_confirm >= interval:
                 last_confirm = time.monotonic()
+                self._messages(dlq)  # the newest durable offsets, should the topic be new
                 if self.confirm_topic():
                     self._ring.send(("confirmed",))
 
@@ -134,6 +138,7 @@ class PipelineWorker(Worker):
         stopped = self._expect("stopped")
         self._messages(dlq)
         self.checkpoint.version = stopped[1]
+        self.trainer_stats = stopped[3]
         log.info("worker stopped at version %s, offsets %s", self.version,
                  self.checkpoint.durable_offsets)
         return 0
@@ -180,6 +185,7 @@ class PipelineWorker(Worker):
                 _, version, offsets, counts, seconds = msg
                 self.checkpoint.durable_offsets = dict(offsets)
                 self.checkpoint.version = version
+                self.checkpoint.events = int(counts.get("events", self.checkpoint.events))
                 self.metrics.publishes.inc()
                 self.metrics.publish_seconds.observe(seconds)
                 self.metrics.version.set(version)
@@ -238,7 +244,8 @@ class PipelineWorker(Worker):
                 ends[rec.partition] = rec.offset + 1
         if not ends:
             return
-        if not self._ring.put(batch, ends, self.source.generation, self.stop_requested):
+        if not self._ring.put(batch, ends, self.source.generation, self.stop_requested,
+                              self._trainer_alive):
             return  # stopping while the ring was full: read again after the restart
         self.checkpoint.advance(records, done)
         self.metrics.events.inc(len(batch.ts))

@@ -109,10 +109,11 @@ class Ring:
 
     # -- the consumer's side ---------------------------------------------------
     def put(self, batch: Batch, ends: dict[int, int], generation: int,
-            stop: Any = None) -> bool:
+            stop: Any = None, check: Any = None) -> bool:
         """Copy ``batch``'s accepted events into free slots and hand them over.
 
-        Waits for a free slot (back-pressure); returns ``False`` if ``stop``
+        Waits for a free slot (back-pressure), calling ``check()`` while it
+        waits (it may raise: the reader died); returns ``False`` if ``stop``
         (an event) is set meanwhile. A batch larger than a slot (events or id
         bytes) goes in pieces; only the last carries ``ends``.
         """
@@ -129,7 +130,7 @@ class Ring:
             hi = min(n, lo + self.capacity,
                      int(np.searchsorted(need, base + self.id_bytes, side="right")))
             hi = max(hi, min(n, lo + 1))
-            slot = self._free_slot(stop)
+            slot = self._free_slot(stop, check)
             if slot is None:
                 return False
             k = hi - lo
@@ -147,13 +148,15 @@ class Ring:
                 return True
             lo = hi
 
-    def _free_slot(self, stop: Any) -> int | None:
+    def _free_slot(self, stop: Any, check: Any = None) -> int | None:
         t0 = time.perf_counter()
         try:
             while True:
                 try:
                     return int(self.free.get(timeout=0.05))
                 except queue.Empty:
+                    if check is not None:
+                        check()
                     if stop is not None and stop.is_set():
                         return None
         finally:

@@ -128,6 +128,7 @@ class Trainer:
         self.committer = _ToConsumer(self)
         self.unconfirmed = 0      # batches applied since the consumer last confirmed the topic
         self.last_publish = 0.0
+        self.overran = False
         self.awaiting_letters = False
 
     def run(self) -> None:
@@ -138,7 +139,7 @@ class Trainer:
         self.model = self.checkpoint.restore(self.settings.model, self.wcfg.device)
         self.out.put(("restored", self.checkpoint.version, dict(self.checkpoint.offsets)))
         publisher = self.checkpoint.start_publisher()
-        self.last_publish = time.monotonic()
+        started = self.last_publish = time.monotonic()
         stopping = False
         try:
             while True:
@@ -157,7 +158,10 @@ class Trainer:
                 self._publish()
                 publisher.wait_idle()
             self.checkpoint.commit_durable(self.committer)
-            self.out.put(("stopped", self.checkpoint.version, dict(self.checkpoint.offsets)))
+            stats = {"cpu_s": time.process_time(), "wall_s": time.monotonic() - started,
+                     "publisher_cpu_s": publisher.cpu_s, "ring_empty_s": self.ring.waited_empty_s}
+            self.out.put(("stopped", self.checkpoint.version, dict(self.checkpoint.offsets),
+                          stats))
         finally:
             publisher.close()
             self.ring.close()
@@ -206,7 +210,13 @@ class Trainer:
         if now - self.shared.lease_renewed.value >= self.lease_ttl_s:
             raise SystemExit("the writer lease was not renewed: not publishing")
         max_poll_s = self.settings.kafka.max_poll_interval_ms / 1000.0
-        return now - self.shared.last_poll.value <= max_poll_s
+        if now - self.shared.last_poll.value <= max_poll_s:
+            self.overran = False
+            return True
+        if not self.overran:  # the consumer was held up (a full ring): it will be evicted
+            log.warning("batch overran max_poll_interval_ms: not publishing before rejoining")
+            self.overran = True
+        return False
 
     def _publish(self) -> None:
         assert self.model is not None
