@@ -83,6 +83,8 @@ class Worker:
             GroupSource(self.kafka, self.guard, self.rewind_to_published)
             if bounds is None else BoundedSource(self.kafka, bounds, self.guard))
         self.model: StreamingModel | None = None
+        # Monotonic time consumption began (after lease, restore and start-up), for benchmarks.
+        self.consuming_since: float | None = None
 
     # -- what the checkpoint holds, for callers and tests -------------------
     @property
@@ -161,6 +163,7 @@ class Worker:
             log.info("stopped while waiting for topic %s", self.kafka.topic)
             return 0
         self.health.active()
+        self.consuming_since = time.monotonic()
         # Dead letters: their topic is created when missing if kafka.create_topics allows.
         require_topics(self.kafka, [self.kafka.dlq_topic])
         dlq = DeadLetterWriter(make_producer(self.kafka), self.kafka.dlq_topic)

@@ -77,8 +77,9 @@ class PipelineWorker(Worker):
         self._shared = Shared(ctx)
         self._proc = ctx.Process(
             target=trainer_main, name="stream-rec-trainer",
-            args=(self.settings, self.lease.holder, self._ring.handle(), self._out,
-                  self._shared, self.lease.ttl_s, os.getpid()))
+            args=(self.settings, (self.store.url, self.store.keep_versions), self.lease.holder,
+                  self._ring.handle(), self._out, self._shared, self.lease.ttl_s,
+                  os.getpid()))
         self._proc.start()
         dlq: DeadLetterWriter | None = None
         try:
@@ -93,6 +94,7 @@ class PipelineWorker(Worker):
                 log.info("stopped while waiting for topic %s", self.kafka.topic)
                 return self._stop_trainer()
             self.health.active()
+            self.consuming_since = time.monotonic()
             require_topics(self.kafka, [self.kafka.dlq_topic])
             dlq = DeadLetterWriter(make_producer(self.kafka), self.kafka.dlq_topic)
             self._loop(dlq)

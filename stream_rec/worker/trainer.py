@@ -86,8 +86,8 @@ class _ToConsumer:
         return True
 
 
-def trainer_main(settings: Settings, writer: str, ring_handle: Any, out: Any,
-                 shared: Shared, lease_ttl_s: float, parent_pid: int) -> None:
+def trainer_main(settings: Settings, store: tuple[str, int], writer: str, ring_handle: Any,
+                 out: Any, shared: Shared, lease_ttl_s: float, parent_pid: int) -> None:
     """Entry point of the trainer process (``multiprocessing`` spawn)."""
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the consumer process decides when to stop
@@ -96,8 +96,8 @@ def trainer_main(settings: Settings, writer: str, ring_handle: Any, out: Any,
 
     configure_logging(settings.log_level, settings.log_format)
     try:
-        Trainer(settings, writer, Ring.attach(ring_handle), out, shared, lease_ttl_s,
-                parent_pid).run()
+        Trainer(settings, SnapshotStore(*store, writer=writer), Ring.attach(ring_handle), out,
+                shared, lease_ttl_s, parent_pid).run()
     except BaseException as exc:
         log.exception("the trainer failed")
         out.put(("error", f"{type(exc).__name__}: {exc}"))
@@ -107,8 +107,8 @@ def trainer_main(settings: Settings, writer: str, ring_handle: Any, out: Any,
 class Trainer:
     """The trainer side of the pipeline (one per worker, in its own process)."""
 
-    def __init__(self, settings: Settings, writer: str, ring: Ring, out: Any, shared: Shared,
-                 lease_ttl_s: float, parent_pid: int) -> None:
+    def __init__(self, settings: Settings, store: SnapshotStore, ring: Ring, out: Any,
+                 shared: Shared, lease_ttl_s: float, parent_pid: int) -> None:
         self.settings = settings
         self.wcfg = settings.worker
         self.ring = ring
@@ -116,8 +116,7 @@ class Trainer:
         self.shared = shared
         self.lease_ttl_s = lease_ttl_s
         self.parent_pid = parent_pid
-        self.store = SnapshotStore(settings.store.path, settings.store.keep_versions,
-                                   writer=writer)
+        self.store = store
         self.checkpoint = Checkpoint(
             self.store, settings.kafka.topic,
             FullPolicy(max_chain=self.wcfg.full_every_versions, max_age_s=self.wcfg.full_every_s),
@@ -140,6 +139,7 @@ class Trainer:
         self.out.put(("restored", self.checkpoint.version, dict(self.checkpoint.offsets)))
         publisher = self.checkpoint.start_publisher()
         started = self.last_publish = time.monotonic()
+        cpu0 = time.process_time()  # what learning costs, without imports and the restore
         stopping = False
         try:
             while True:
@@ -158,7 +158,7 @@ class Trainer:
                 self._publish()
                 publisher.wait_idle()
             self.checkpoint.commit_durable(self.committer)
-            stats = {"cpu_s": time.process_time(), "wall_s": time.monotonic() - started,
+            stats = {"cpu_s": time.process_time() - cpu0, "wall_s": time.monotonic() - started,
                      "publisher_cpu_s": publisher.cpu_s, "ring_empty_s": self.ring.waited_empty_s}
             self.out.put(("stopped", self.checkpoint.version, dict(self.checkpoint.offsets),
                           stats))
