@@ -46,7 +46,7 @@ class Options:
     k_factor: int = 8                 # IVF-PQ candidates re-ranked per answer wanted
     hnsw_m: int = 16                  # HNSW links per node (level 0 has twice as many)
     ef_construction: int = 40
-    ef_search: int = 96
+    ef_search: int = 128
     rebuild_fraction: float = 0.25    # HNSW: compact once superseded nodes exceed this share
 
 
