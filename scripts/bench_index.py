@@ -14,7 +14,9 @@ own query path (``ModelState.query``) for its users, and each query excludes the
 user's seen items, as serving does. The norm and bias quantiles of trained and
 generated rows are printed and stored, to check that they match.
 
-Per kind, in one run: bytes held, build seconds, seconds to refresh 1 % of the
+Per kind, in one run: bytes held (codes, ids, links, centroids, tombstone and
+spill bitmaps and the spill itself; FAISS's serialised size beside it as a
+cross-check), build seconds, seconds to refresh 1 % of the
 rows as serving does (``refreshed()``: copy, then 0.9 % rows moved by a
 training-sized step, 0.1 % new rows appended, 0.05 % expired), of which the
 copy alone, p50/p99 of a single query, queries/s in batches of 64 (as the
@@ -195,7 +197,10 @@ def measure(kind: str, x: np.ndarray, queries: np.ndarray, excludes: list[np.nda
     got_after = [[r for r, _ in after.search(q[None, :], K, [e])[0]]
                  for q, e in zip(queries[:n_after], excludes[:n_after])]
     pct = percentiles(lat, (50, 99))
+    # cross-check of nbytes(): FAISS's own serialisation of the same structure
+    serialized = int(faiss.serialize_index(idx.index).nbytes)
     row = {"index": kind, "layout": idx.layout.name, "bytes": idx.nbytes(),
+           "serialized_bytes": serialized,
            "bytes_vs_flat": round(idx.nbytes() / (x.nbytes), 4), "build_s": round(build_s, 2),
            "refresh_1pct_s": round(refresh_s, 3), "copy_s": round(copy_s, 3),
            "p50_ms": round(pct["p50"], 3), "p99_ms": round(pct["p99"], 3),
@@ -267,6 +272,7 @@ def main() -> None:
     cores = os.cpu_count() or 1
     set_search_threads(1)  # torch: one thread for the process, as `stream-rec serve` sets it
     t_start = time.perf_counter()
+    load_before = os.getloadavg()
 
     cfg = (3000, 5000, 50, 60_000) if quick else (10_000, 20_000, 100, 300_000)
     print(f"training the model on {cfg[3]:,} synthetic events "
@@ -295,7 +301,7 @@ def main() -> None:
     print(f"{n:,} items × {x.shape[1]} columns, {len(queries)} queries:", flush=True)
     variants = [measure(kind, x, queries, excludes, truth, change, truth_after, budget_s, cores)
                 for kind in kinds]
-    sizes = [s for s in ((25_000, 50_000) if quick else (100_000, 250_000, 500_000)) if s < n]
+    sizes = [s for s in ((25_000, 50_000) if quick else (100_000, 200_000, 500_000)) if s < n]
     print("by catalogue size (the first rows of the same vectors):", flush=True)
     sized = by_size(x, queries, excludes, sizes, budget_s / 2, cores, with_ann=not quick)
 
@@ -309,7 +315,9 @@ def main() -> None:
             "p99_ms": default["p99_ms"], "refresh_1pct_s": default["refresh_1pct_s"]},
         "variants": variants, "by_size": sized, "queries": len(queries),
         "vectors": {**shape, "trained_items": len(base), "model_events": cfg[3]},
-        "seconds": round(time.perf_counter() - t_start, 1)}
+        "seconds": round(time.perf_counter() - t_start, 1),
+        # the machine is shared: 1-minute load average at the start and the end of the run
+        "load_avg_1m": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]}
 
     def draw(ax: Any) -> None:
         for v in variants:

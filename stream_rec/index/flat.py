@@ -14,6 +14,7 @@ from stream_rec.index.base import (
     Layout,
     Options,
     all_fit,
+    copy_codes,
     dead_selector,
     pad,
     padded_dim,
@@ -51,9 +52,9 @@ class FlatLayout(Layout):
         xb = self.index.get_xb()  # type: ignore[attr-defined]
         return faiss.rev_swig_ptr(xb, n * self.dim).reshape(n, self.dim)
 
-    def clone(self) -> FlatLayout:
+    def clone(self, reserve: int = 0) -> FlatLayout:
         out = FlatLayout(self.dim, self.options)
-        out.index = faiss.clone_index(self.index)
+        copy_codes(self.index, out.index, reserve)
         return out
 
     def set_rows(self, rows: np.ndarray, vectors: np.ndarray) -> np.ndarray:
@@ -103,9 +104,12 @@ class SQLayout(Layout):
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
-    def clone(self) -> SQLayout:
+    def clone(self, reserve: int = 0) -> SQLayout:
         out = type(self)(self.dim, self.options)
-        out.index = faiss.clone_index(self.index)
+        faiss.copy_array_to_vector(faiss.vector_to_array(self.index.sq.trained),
+                                   out.index.sq.trained)
+        out.index.is_trained = True
+        copy_codes(self.index, out.index, reserve)
         return out
 
     def fits(self, x: np.ndarray) -> np.ndarray:

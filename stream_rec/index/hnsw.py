@@ -66,7 +66,7 @@ class HNSWSQLayout(Layout):
         self._cache = None
         return np.arange(first, first + len(rows), dtype=np.int64)
 
-    def clone(self) -> HNSWSQLayout:
+    def clone(self, reserve: int = 0) -> HNSWSQLayout:
         out = HNSWSQLayout(self.dim, self.options)
         out.index = faiss.clone_index(self.index)
         out.row_of, out.node_of = self.row_of.copy(), self.node_of.copy()

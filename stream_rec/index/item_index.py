@@ -51,7 +51,7 @@ KINDS = ("auto", *LAYOUTS)
 
 # ``auto`` is exact below this many rows and AUTO_ANN from it on (see the module
 # docstring and docs/benchmarks.md for the measurements behind both).
-AUTO_EXACT_MAX = 250_000
+AUTO_EXACT_MAX = 200_000
 AUTO_ANN = "ivf_sq6"
 # An approximate kind needs this many rows to train its centroids; below, exact.
 MIN_ANN_ROWS = 1024
@@ -193,7 +193,7 @@ class ItemIndex:
             built = LAYOUTS[want].build(full, self.options)
             return built, Spill.of(np.arange(top), full, built.build_fits)
         if not owned:
-            layout = layout.clone()
+            layout = layout.clone(reserve=top - n)
         old = rows < n
         fits = np.ones(len(rows), dtype=bool)
         if old.any():

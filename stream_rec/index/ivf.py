@@ -28,6 +28,7 @@ from stream_rec.index.base import (
     Layout,
     Options,
     all_fit,
+    copy_codes,
     dead_selector,
     default_nlist,
     default_nprobe,
@@ -118,7 +119,7 @@ class IVFFlatLayout(_IVFBase):
         out.index, out._n = ivf, n
         return out
 
-    def clone(self) -> IVFFlatLayout:
+    def clone(self, reserve: int = 0) -> IVFFlatLayout:
         out = IVFFlatLayout(self.dim, self.options)
         out.index, out.width, out._n = faiss.clone_index(self.index), self.width, self._n
         out.index.nprobe = self.index.nprobe
@@ -158,7 +159,7 @@ class IVFSQLayout(_IVFBase):
         out.build_fits = out._add(ivf, x)
         return out
 
-    def clone(self) -> IVFSQLayout:
+    def clone(self, reserve: int = 0) -> IVFSQLayout:
         out = type(self)(self.dim, self.options)
         out.index, out.width, out._n = faiss.clone_index(self.index), self.width, self._n
         out.index.nprobe = self.index.nprobe
@@ -222,10 +223,12 @@ class IVFPQRefineLayout(_IVFBase):
         self.base, self.fine, self._n = base, fine, n
         self.index = faiss.IndexRefine(base, fine)  # borrows both: we keep the references
 
-    def clone(self) -> IVFPQRefineLayout:
+    def clone(self, reserve: int = 0) -> IVFPQRefineLayout:
         out = IVFPQRefineLayout(self.dim, self.options)
         out.width = self.width
-        out._wrap(faiss.clone_index(self.base), faiss.clone_index(self.fine), self._n)
+        fine = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_fp16, IP)
+        copy_codes(self.fine, fine, reserve)
+        out._wrap(faiss.clone_index(self.base), fine, self._n)
         out.base.nprobe = self.base.nprobe
         return out
 
@@ -251,4 +254,5 @@ class IVFPQRefineLayout(_IVFBase):
         return all_fit(len(x))
 
     def nbytes(self) -> int:
-        return ivf_bytes(self.base) + self._n * int(self.fine.code_size)
+        codebooks = int(self.base.pq.centroids.size()) * 4
+        return ivf_bytes(self.base) + codebooks + self._n * int(self.fine.code_size)

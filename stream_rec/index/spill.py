@@ -17,6 +17,7 @@ with fresh ranges and an empty spill.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 class Spill:
@@ -58,24 +59,25 @@ class Spill:
 
     def search(self, queries: np.ndarray, k: int, dead_bits: np.ndarray | None
                ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-``k`` (scores, rows), each (B, k), -inf / -1 where fewer live rows exist."""
+        """Exact top-``k`` (scores, rows), each (B, k), -inf / -1 where fewer live rows exist.
+
+        Torch, not numpy, multiplies: numpy's OpenBLAS starts its own threads
+        for a (64, 65) x (65, 176) product and took 35 ms for it on the shared
+        machine, torch on the serving thread's one thread 0.05 ms.
+        """
         b = len(queries)
         scores = np.full((b, k), -np.inf, dtype=np.float32)
         rows = np.full((b, k), -1, dtype=np.int64)
         if not len(self):
             return scores, rows
-        s = queries @ self.vectors.T                                      # (B, M)
+        s = torch.from_numpy(np.ascontiguousarray(queries)) @ torch.from_numpy(self.vectors).T
         if dead_bits is not None:
             dead = (dead_bits[self.rows >> 3] >> (self.rows & 7)) & 1
-            s[:, dead.astype(bool)] = -np.inf
+            s[:, torch.from_numpy(dead.astype(bool))] = -np.inf
         m = min(k, len(self))
-        top = np.argpartition(-s, m - 1, axis=1)[:, :m] if m < len(self) else \
-            np.broadcast_to(np.arange(len(self)), (b, len(self)))
-        top_s = np.take_along_axis(s, top, axis=1)
-        order = np.argsort(-top_s, axis=1, kind="stable")
-        scores[:, :m] = np.take_along_axis(top_s, order, axis=1)
-        rows[:, :m] = np.where(np.isfinite(scores[:, :m]),
-                               self.rows[np.take_along_axis(top, order, axis=1)], -1)
+        top_s, top = torch.topk(s, m, dim=1)
+        scores[:, :m] = top_s.numpy()
+        rows[:, :m] = np.where(np.isfinite(scores[:, :m]), self.rows[top.numpy()], -1)
         return scores, rows
 
 
