@@ -19,7 +19,8 @@ spill bitmaps and the spill itself; FAISS's serialised size beside it as a
 cross-check), build seconds, seconds to refresh 1 % of the
 rows as serving does (``refreshed()``: copy, then 0.9 % rows moved by a
 training-sized step, 0.1 % new rows appended, 0.05 % expired), of which the
-copy alone, p50/p99 of a single query, queries/s in batches of 64 (as the
+copy alone, p50/p99 of a single query (the least disturbed of three passes:
+the machine is shared; Python's collector paused, see ``collector_paused``), queries/s in batches of 64 (as the
 search batcher sends them), and recall@10 against exact search on the same
 vectors, before and after the refresh. Searches run on one thread as serving
 does (``set_search_threads(1)``); builds and refreshes on every core, as the
@@ -38,10 +39,13 @@ written to docs/results/bench_index.json (bench_index_quick.json with --quick).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import itertools
 import json
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import faiss
@@ -55,6 +59,7 @@ from stream_rec.index.item_index import AUTO_ANN
 from stream_rec.model import ModelConfig, StreamingModel
 
 K = 10
+ROUNDS = 3  # passes of single queries per index (see single_queries)
 
 
 def trained(n_users: int, n_items: int, groups: int, events: int, dim: int
@@ -134,30 +139,70 @@ def recall(got: list[list[int]], want: list[list[int]]) -> float:
     return float(np.mean([len(set(g) & set(w)) / K for g, w in zip(got, want)]))
 
 
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Timed loops run with Python's garbage collector paused.
+
+    Its passes over this process's heap cost about 4 ms whatever the index (a
+    25 000-row flat index: p99 0.42 ms paused, 4.4 ms with a million tuples
+    held elsewhere in the process) and would sit in every kind's p99. They are
+    the process's cost, not the index's.
+    """
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def single_queries(idx: ItemIndex, queries: np.ndarray, excludes: list[np.ndarray],
-                   budget_s: float) -> tuple[list[list[int]], np.ndarray]:
-    """One query at a time (at least 100, then until the budget): answers and latencies (ms)."""
-    answers, lat = [], []
+                   budget_s: float, rounds: int = ROUNDS
+                   ) -> tuple[list[list[int]], dict[str, Any]]:
+    """One query at a time, in ``rounds`` passes (each at least 100 queries, then until
+    its share of the budget): the first pass's answers, and latency figures (ms).
+
+    Other work on the shared machine can only add latency, so the pass with the
+    lowest p99 is reported, with every pass's p99 beside it.
+    """
+    answers: list[list[int]] = []
+    passes = []
+    for r in range(rounds):
+        with collector_paused():
+            lat = single_pass(idx, queries, excludes, budget_s / rounds, answers if r == 0 else None)
+        passes.append(percentiles(np.array(lat) * 1000.0, (50, 99)) | {"n": len(lat)})
+    best = min(passes, key=lambda p: p["p99"])
+    return answers, {"p50_ms": round(best["p50"], 3), "p99_ms": round(best["p99"], 3),
+                     "p99_ms_passes": [round(p["p99"], 3) for p in passes],
+                     "single_queries": sum(p["n"] for p in passes)}
+
+
+def single_pass(idx: ItemIndex, queries: np.ndarray, excludes: list[np.ndarray],
+                budget_s: float, answers: list[list[int]] | None) -> list[float]:
+    """Seconds per query, at least 100 queries then until ``budget_s``; answers appended."""
+    lat: list[float] = []
     start = time.perf_counter()
     for q, e in zip(queries, excludes):
         t0 = time.perf_counter()
         hits = idx.search(q[None, :], K, [e])[0]
         lat.append(time.perf_counter() - t0)
-        answers.append([r for r, _ in hits])
+        if answers is not None:
+            answers.append([r for r, _ in hits])
         if len(lat) >= 100 and time.perf_counter() - start > budget_s:
             break
-    return answers, np.array(lat) * 1000.0
+    return lat
 
 
 def batched_rate(idx: ItemIndex, queries: np.ndarray, excludes: list[np.ndarray],
                  budget_s: float) -> float:
     """Queries/s in batches of 64, as the search batcher sends them at 64 in flight."""
     done, start = 0, time.perf_counter()
-    for lo in itertools.cycle(range(0, len(queries) - 63, 64)):
-        idx.search(queries[lo:lo + 64], K, excludes[lo:lo + 64])
-        done += 64
-        if time.perf_counter() - start > budget_s:
-            break
+    with collector_paused():
+        for lo in itertools.cycle(range(0, len(queries) - 63, 64)):
+            idx.search(queries[lo:lo + 64], K, excludes[lo:lo + 64])
+            done += 64
+            if time.perf_counter() - start > budget_s:
+                break
     return done / (time.perf_counter() - start)
 
 
@@ -196,21 +241,20 @@ def measure(kind: str, x: np.ndarray, queries: np.ndarray, excludes: list[np.nda
     n_after = len(truth_after)
     got_after = [[r for r, _ in after.search(q[None, :], K, [e])[0]]
                  for q, e in zip(queries[:n_after], excludes[:n_after])]
-    pct = percentiles(lat, (50, 99))
     # cross-check of nbytes(): FAISS's own serialisation of the same structure
     serialized = int(faiss.serialize_index(idx.index).nbytes)
     row = {"index": kind, "layout": idx.layout.name, "bytes": idx.nbytes(),
            "serialized_bytes": serialized,
            "bytes_vs_flat": round(idx.nbytes() / (x.nbytes), 4), "build_s": round(build_s, 2),
            "refresh_1pct_s": round(refresh_s, 3), "copy_s": round(copy_s, 3),
-           "p50_ms": round(pct["p50"], 3), "p99_ms": round(pct["p99"], 3),
-           "qps_64": round(rate), "recall_at_10": round(recall(answers, truth), 4),
+           **lat, "qps_64": round(rate), "recall_at_10": round(recall(answers, truth), 4),
            "recall_at_10_after_refresh": round(recall(got_after, truth_after), 4),
-           "single_queries": len(lat), "spilled_rows": len(idx.spill),
+           "spilled_rows": len(idx.spill),
            "spilled_rows_after_refresh": len(after.spill)}
     print(f"  {kind:14s} {row['bytes'] / 1e6:8.1f} MB ({row['bytes_vs_flat']:.3f} of flat)  "
           f"build {build_s:6.1f} s  refresh {refresh_s:.3f} s (copy {copy_s:.3f})  "
-          f"p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  {row['qps_64']:,} q/s @64  "
+          f"p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms {row['p99_ms_passes']}  "
+          f"{row['qps_64']:,} q/s @64  "
           f"recall {row['recall_at_10']:.4f} / after refresh "
           f"{row['recall_at_10_after_refresh']:.4f}  spilled {row['spilled_rows']}", flush=True)
     return row
@@ -229,12 +273,13 @@ def by_size(x: np.ndarray, queries: np.ndarray, excludes: list[np.ndarray],
         flat = ItemIndex.build(sub, kind="flat")
         _, lat = single_queries(flat, queries, ex, budget_s)
         rate = batched_rate(flat, queries, ex, budget_s / 2)
-        pct = percentiles(lat, (50, 99))
-        row: dict[str, Any] = {"items": n, "flat_p50_ms": round(pct["p50"], 3),
-                               "flat_p99_ms": round(pct["p99"], 3), "flat_qps_64": round(rate)}
+        row: dict[str, Any] = {"items": n, "flat_p50_ms": lat["p50_ms"],
+                               "flat_p99_ms": lat["p99_ms"],
+                               "flat_p99_ms_passes": lat["p99_ms_passes"],
+                               "flat_qps_64": round(rate)}
         del flat
-        line = (f"  {n:>9,} items: flat p50 {pct['p50']:.2f} ms  p99 {pct['p99']:.2f} ms  "
-                f"{rate:,.0f} q/s @64")
+        line = (f"  {n:>9,} items: flat p50 {lat['p50_ms']:.2f} ms  p99 {lat['p99_ms']:.2f} ms "
+                f"{lat['p99_ms_passes']}  {rate:,.0f} q/s @64")
         if with_ann:
             faiss.omp_set_num_threads(cores)
             t0 = time.perf_counter()
@@ -242,14 +287,14 @@ def by_size(x: np.ndarray, queries: np.ndarray, excludes: list[np.ndarray],
             build_s = time.perf_counter() - t0
             faiss.omp_set_num_threads(1)
             got, lat = single_queries(ann, queries, ex, budget_s)
-            pct = percentiles(lat, (50, 99))
             rec = recall(got, exact_top(sub, queries[:len(got)], ex[:len(got)]))
             row.update({"ann": AUTO_ANN, "ann_recall_at_10": round(rec, 4),
-                        "ann_p50_ms": round(pct["p50"], 3), "ann_p99_ms": round(pct["p99"], 3),
+                        "ann_p50_ms": lat["p50_ms"], "ann_p99_ms": lat["p99_ms"],
+                        "ann_p99_ms_passes": lat["p99_ms_passes"],
                         "ann_bytes_vs_flat": round(ann.nbytes() / sub.nbytes, 4),
                         "ann_build_s": round(build_s, 2)})
-            line += (f" | {AUTO_ANN} recall {rec:.4f}  p50 {pct['p50']:.2f} ms  "
-                     f"p99 {pct['p99']:.2f} ms")
+            line += (f" | {AUTO_ANN} recall {rec:.4f}  p50 {lat['p50_ms']:.2f} ms  "
+                     f"p99 {lat['p99_ms']:.2f} ms {lat['p99_ms_passes']}")
         print(line, flush=True)
         out.append(row)
     return out
@@ -301,7 +346,7 @@ def main() -> None:
     print(f"{n:,} items × {x.shape[1]} columns, {len(queries)} queries:", flush=True)
     variants = [measure(kind, x, queries, excludes, truth, change, truth_after, budget_s, cores)
                 for kind in kinds]
-    sizes = [s for s in ((25_000, 50_000) if quick else (100_000, 200_000, 500_000)) if s < n]
+    sizes = [s for s in ((25_000, 50_000) if quick else (100_000, 200_000, 300_000, 500_000)) if s < n]
     print("by catalogue size (the first rows of the same vectors):", flush=True)
     sized = by_size(x, queries, excludes, sizes, budget_s / 2, cores, with_ann=not quick)
 

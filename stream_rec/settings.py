@@ -100,7 +100,7 @@ class ServeSettings(BaseModel):
     poll_interval_ms: int = Field(50, ge=10)
     default_k: int = Field(10, ge=1)
     max_k: int = Field(1000, ge=1)
-    # "auto": exact "flat" below 200 000 items, "ivf_sq6" (IVF over 6-bit codes) from there;
+    # "auto": exact "flat" below 150 000 items, "ivf_sq6" (IVF over 6-bit codes) from there;
     # the other kinds and the measurements behind the choice: docs/benchmarks.md, "Index".
     index: Literal["auto", "flat", "sq8", "fp16", "ivf", "ivf_sq6", "ivf_sq8", "ivf_pq_refine",
                    "hnsw_sq8"] = "auto"
