@@ -201,9 +201,11 @@ class ServeSettings(Section):
     poll_interval_ms: int = Field(50, ge=10)
     default_k: int = Field(10, ge=1)
     max_k: int = Field(1000, ge=1)
-    # "flat": exact inner product (default); "ivf": approximate, for large catalogues.
-    index: Literal["flat", "ivf"] = "flat"
-    nprobe: int = Field(16, ge=1)  # IVF lists searched per query: recall vs latency
+    # "auto": exact "flat" below 150 000 items, "ivf_sq6" (IVF over 6-bit codes) from there;
+    # the other kinds and the measurements behind the choice: docs/benchmarks.md, "Index".
+    index: Literal["auto", "flat", "sq8", "fp16", "ivf", "ivf_sq6", "ivf_sq8", "ivf_pq_refine",
+                   "hnsw_sq8"] = "auto"
+    nprobe: int = Field(0, ge=0)  # IVF lists searched per query; 0 = the kind's measured default
     search_threads: int = Field(1, ge=1)  # FAISS threads per search (requests run in parallel)
     max_batch: int = Field(64, ge=1)  # concurrent /recommend searches coalesced into one
     workers: int = Field(1, ge=1)  # server processes on the port, each with its own index
