@@ -45,6 +45,15 @@ class Schedule:
         n = int(np.searchsorted(self.at_s, seconds, side="left"))
         return Schedule(self.order[:n], self.at_s[:n])
 
+    def full_rate_until(self, rate: float) -> float:
+        """Seconds from the start during which every slot at ``rate`` was used (the schedule
+        kept the aggregate rate); the end of the schedule if it never idled."""
+        if len(self.at_s) < 2:
+            return float(self.at_s[-1]) if len(self.at_s) else 0.0
+        slot_s = max(1, round(1e6 / rate)) / 1e6
+        idle = np.flatnonzero(np.diff(self.at_s) > slot_s + 5e-7)   # a slot left empty
+        return float(self.at_s[idle[0]] if len(idle) else self.at_s[-1])
+
     def displacement(self) -> dict[str, float]:
         """How far the sent position of an event is from its dataset position (events)."""
         if not len(self.order):

@@ -44,6 +44,7 @@ def test_others_go_ahead_and_dataset_order_breaks_ties() -> None:
     # between; at 5 ms nobody may click, so the clock waits for a at 5.5 ms.
     assert s.order.tolist() == [0, 3, 4, 1, 5, 2]
     assert s.at_s.tolist() == [0.0, 0.001, 0.002, 0.003, 0.004, 0.0055]
+    assert s.full_rate_until(1000) == 0.004
 
 
 def test_the_clock_jumps_when_nobody_may_click_and_prefixes_are_schedules() -> None:
