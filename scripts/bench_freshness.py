@@ -8,8 +8,9 @@ snapshot version, whose manifest lists the offsets it includes. An event is
 fresh at the first answer whose version includes its offset.
 
 "Own click" latency, under that background load: a few probe users (given a
-history at warm-up, never in the background stream) each ask for their top
-100, click the first item, and ask again every 10 ms (``--own-poll-ms``)
+history at warm-up, never in the background stream) each, after a random
+0-250 ms pause, ask for their top 100, click the first item, and ask again
+every 10 ms (``--own-poll-ms``)
 until an answer reflects the click: the item is gone from their top 100 (a
 server that knows the click excludes it as seen), or what the answer names
 includes the click's offset (its version's manifest, or offsets the answer
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import threading
 import time
 from typing import Any
@@ -63,6 +65,9 @@ OWN_USER_BASE = 900_000    # probe users' ids: above every MovieLens user
 OWN_HISTORY = 20           # clicks each probe user is given at warm-up
 OWN_K = 100                # the top-k a probe user watches for the clicked item
 OWN_TIMEOUT_S = 10.0
+# A probe user waits a random 0-250 ms before each click, so that clicks do not lock onto the
+# publish cycle (a click sent right after a version was seen always meets the same phase).
+OWN_JITTER_S = 0.25
 
 
 class Probe:
@@ -139,8 +144,9 @@ class OwnClick:
 
     def run(self, user: int) -> None:
         producer = make_producer(self.cfg, linger_ms=0, acks=1)
+        rng = random.Random(user)
         with httpx.Client(base_url=self.base_url, timeout=5.0) as client:
-            while not self.stop.is_set():
+            while not self.stop.wait(rng.uniform(0.0, OWN_JITTER_S)):
                 phase = self.phase
                 body = self._ask(client, user) if phase else None
                 if not body or body["fallback"] or not body["items"]:
@@ -325,6 +331,7 @@ def main() -> None:
                 if len(own_lat):
                     ax.plot(own_lat, np.arange(1, len(own_lat) + 1) / len(own_lat), "--",
                             color=line.get_color(), label=f"{rate} events/s, own click")
+        ax.set_xscale("log")   # 0.05 s to tens of seconds when the worker falls behind
         ax.set_xlabel("send → first answer that includes (reflects) it (s)")
         ax.set_ylabel("fraction of events")
         ax.set_title("End-to-end freshness (CDF)")
