@@ -7,7 +7,7 @@ on MovieLens-100K; the worker reads it as ``Settings.model`` (env
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ModelConfig(BaseModel):
@@ -61,3 +61,17 @@ class ModelConfig(BaseModel):
     # fast path: decayed popularity folded into the item vector's extra column
     pop_half_life_ms: int = Field(86_400_000, gt=0, description="half-life of the popularity term")
     pop_weight: float = Field(0.0, description="weight of log decayed popularity in the score")
+
+    # item content (docs/CONTENT.md): an item's vector is its free row + text vector @ W
+    content_dim: int = Field(0, ge=0, description="width K of the items' text vectors (384 for "
+                             "all-MiniLM-L6-v2); 0 = no content: the model is exactly the one "
+                             "without it")
+    content_lr: float = Field(0.01, gt=0, description="Adagrad rate of W (K, D), the projection "
+                              "of text vectors into the item space, trained with the rows")
+    content_init_std: float = Field(0.05, ge=0, description="initial std of W")
+
+    @model_validator(mode="after")
+    def _content_needs_tied(self) -> ModelConfig:
+        if self.content_dim and not self.tied:
+            raise ValueError("content_dim > 0 needs tied = true (one item table)")
+        return self

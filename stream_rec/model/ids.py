@@ -44,6 +44,18 @@ class IdTable:
                 self.pending[key] = c
                 return -1, False
             self.pending.pop(key, None)
+        return self._allocate(key), True
+
+    def admit(self, key: str) -> tuple[int, bool]:
+        """(row, is_new) for ``key``, admitted at once whatever its count (an item the
+        catalogue announces: it needs a row before anyone clicks it)."""
+        row = self.index.get(key)
+        if row is not None:
+            return row, False
+        self.pending.pop(key, None)
+        return self._allocate(key), True
+
+    def _allocate(self, key: str) -> int:
         if self.free:
             row = self.free.pop()
             self.ids[row] = key
@@ -51,7 +63,7 @@ class IdTable:
             row = len(self.ids)
             self.ids.append(key)
         self.index[key] = row
-        return row, True
+        return row
 
     def release(self, row: int) -> None:
         """Free ``row``: its id is forgotten and the row reused by a later new id."""
