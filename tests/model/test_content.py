@@ -43,10 +43,11 @@ def _stream(n: int, seed: int = 0) -> tuple[list[str], list[str], np.ndarray]:
 
 
 def _texts(ids: list[str], seed: int = 0) -> np.ndarray:
-    """Unit text vectors that share a direction within each id's taste group (id mod 5)."""
+    """Unit text vectors that share a direction within each id's taste group (``i<n>``:
+    n mod 10, the synthetic stream's groups), like a genre."""
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((5, K))
-    x = np.stack([centres[int(i.lstrip("i")) % 5] for i in ids]) + rng.standard_normal(
+    centres = rng.standard_normal((10, K))
+    x = np.stack([centres[int(i.lstrip("i")) % 10] for i in ids]) + rng.standard_normal(
         (len(ids), K))
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
