@@ -176,11 +176,11 @@ class Featurizer:
         """key -> vector for a batch: the disk cache first, the encoder for the rest."""
         texts = {key: text for _, key, text in batch}
         try:
+            failpoint("featurize")  # a slow encoder, for tests: every batch waits here
             found = self.cache.get_many(texts)
             missing = [k for k in texts if k not in found]
             if missing:
                 t0 = time.perf_counter()
-                failpoint("encode")  # tests slow the encoder down here
                 out = self.encoder.encode([texts[k] for k in missing])
                 took = time.perf_counter() - t0
                 if out.shape != (len(missing), self.encoder.dim):

@@ -37,6 +37,7 @@ from stream_rec.snapshot import Fenced, Manifest, SnapshotStore
 from stream_rec.snapshot.lease import Lease
 from stream_rec.snapshot.publisher import FullPolicy
 
+from .catalogue import Catalogue
 from .checkpoint import Checkpoint, NonFinite
 from .health import Health, LeaseKeeper, serve_health
 from .source import BoundedSource, Bounds, GroupSource
@@ -83,6 +84,8 @@ class Worker:
             GroupSource(self.kafka, self.guard, self.rewind_to_published)
             if bounds is None else BoundedSource(self.kafka, bounds, self.guard))
         self.model: StreamingModel | None = None
+        self.catalogue: Catalogue | None = None   # with content: the items topic
+        self._catalogue_retry_at = 0.0
 
     # -- what the checkpoint holds, for callers and tests -------------------
     @property
@@ -165,6 +168,8 @@ class Worker:
         require_topics(self.kafka, [self.kafka.dlq_topic])
         dlq = DeadLetterWriter(make_producer(self.kafka), self.kafka.dlq_topic)
         publisher = self.checkpoint.start_publisher()
+        if self.model.cfg.content_dim:
+            self.catalogue = Catalogue(self.settings, self.metrics)
         last_publish = last_check = time.monotonic()
         try:
             while not self.stop_requested.is_set() and not self.reached_end():
@@ -172,6 +177,8 @@ class Worker:
                 records = self.poll_batch(wcfg.batch_max_events, wcfg.batch_max_ms)
                 if records:
                     self.apply(records, dlq)
+                if self.catalogue is not None:
+                    self.catalogue_step()
                 self.commit_published()
                 if publisher.busy():
                     continue
@@ -199,6 +206,8 @@ class Worker:
             self.source.close()
             self.guard.close()
             dlq.close()
+            if self.catalogue is not None:
+                self.catalogue.close()
         log.info("worker stopped at version %s, offsets %s", self.version, self.offsets)
         return 0
 
@@ -232,6 +241,8 @@ class Worker:
         that poisoned it is among them -- with the reason, and goes on.
         """
         assert self.model is not None
+        if self.catalogue is not None:
+            self.catalogue.flush()
         try:
             self.checkpoint.publish(self.model, dlq)
         except NonFinite as exc:
@@ -248,6 +259,7 @@ class Worker:
         assert self.model is not None
         self.model = self.checkpoint.rewind(self.model, self.settings.model,
                                             self.settings.worker.device, force=True)
+        self._rewind_catalogue()
         reason = f"training on this record's batch made the model non-finite ({why})"
         for rec in records:
             dlq.send(DeadLetter(reason, Origin(rec.topic, rec.partition, rec.offset),
@@ -268,6 +280,38 @@ class Worker:
         if self.model is not None:
             self.model = self.checkpoint.rewind(self.model, self.settings.model,
                                                 self.settings.worker.device)
+            self._rewind_catalogue()
+
+    # -- the catalogue (worker/catalogue.py) -------------------------------
+    def catalogue_step(self) -> None:
+        """Read what the catalogue has, announce finished vectors; never waits (neither for
+        the topic nor for the encoder), so clicks are not held up.
+
+        Until the items topic exists (with ``kafka.create_topics`` off) it is
+        looked for again every ``worker.topic_check_interval_s``.
+        """
+        cat = self.catalogue
+        assert cat is not None and self.model is not None
+        if cat.consumer is None:
+            now = time.monotonic()
+            if now < self._catalogue_retry_at:
+                return
+            self._catalogue_retry_at = now + self.settings.worker.topic_check_interval_s
+            if not cat.open(self.checkpoint.published_offsets(cat.topic)):
+                return
+            self.checkpoint.side_offsets = lambda: {cat.topic: cat.offsets()}
+        before = cat.offsets()
+        announced = cat.step(self._announce)
+        if not announced and cat.offsets() != before:
+            self.checkpoint.dirty = True        # dead letters only: record the offsets
+
+    def _announce(self, ids: list[str], vectors: Any) -> None:
+        assert self.model is not None
+        self.checkpoint.changed(self.model.announce(ids, vectors))
+
+    def _rewind_catalogue(self) -> None:
+        if self.catalogue is not None:
+            self.catalogue.rewind(self.checkpoint.published_offsets(self.catalogue.topic))
 
     # -- the loop's steps ------------------------------------------------
     def poll_batch(self, max_events: int, max_ms: int) -> list[Any]:
