@@ -320,7 +320,7 @@ class YoungItems:
         q[self.dim:] += np.float32(self.alpha) * term
         keep = ~np.isin(self.rows, plan.exclude)
         rows = self.rows[keep]
-        scores = (self.vectors[keep] @ q).astype(np.float32)
+        scores = (self.vectors @ q)[keep].astype(np.float32, copy=False)
         return Plan(plan.query, np.union1d(plan.exclude, self.rows), plan.overlay_events,
                     (rows, scores))
 
