@@ -326,7 +326,7 @@ def _model_rank(model: StreamingModel, user: str, item: str) -> int | None:
     target = model.item_row(item)
     if target is None:
         return None
-    row = model.user_row(user)
+    row = model.query_row(user)
     live = model.live_items()
     if row is None:
         pop = model.fast.pop[: model.n_items]

@@ -55,7 +55,7 @@ def content_ranks(model: StreamingModel, user: str, item: str,
                   alpha: float) -> tuple[int | None, int | None]:
     """Rank of ``item`` for ``user`` without and with the content term (as ``_model_rank``)."""
     target = model.item_row(item)
-    row = model.user_row(user)
+    row = model.query_row(user)
     if target is None or row is None:
         rank = _model_rank(model, user, item)
         return rank, rank

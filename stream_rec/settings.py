@@ -154,7 +154,12 @@ class WorkerSettings(Section):
     full_every_versions: int = Field(200, ge=1)
     full_every_s: float = Field(300.0, gt=0)
     device: str = "auto"
-    # CPU threads for torch's kernels; 0 keeps torch's default (one per core).
+    # Two processes: one consumes and validates, one trains and publishes, joined by a
+    # shared-memory ring of ring_slots micro-batches (stream_rec/worker/pipeline.py).
+    pipeline: bool = True
+    ring_slots: int = Field(8, ge=2)
+    # CPU threads for torch's kernels; 0 keeps torch's default (one per core; with the
+    # pipeline, one fewer than the cores, leaving one to the consumer process).
     # The polling thread needs a core too, so on small machines fewer can be faster.
     torch_threads: int = Field(0, ge=0)
     metrics_port: int = 0  # 0 = no metrics/health endpoint (/metrics, /healthz)
@@ -196,9 +201,11 @@ class ServeSettings(Section):
     poll_interval_ms: int = Field(50, ge=10)
     default_k: int = Field(10, ge=1)
     max_k: int = Field(1000, ge=1)
-    # "flat": exact inner product (default); "ivf": approximate, for large catalogues.
-    index: Literal["flat", "ivf"] = "flat"
-    nprobe: int = Field(16, ge=1)  # IVF lists searched per query: recall vs latency
+    # "auto": exact "flat" below 150 000 items, "ivf_sq6" (IVF over 6-bit codes) from there;
+    # the other kinds and the measurements behind the choice: docs/benchmarks.md, "Index".
+    index: Literal["auto", "flat", "sq8", "fp16", "ivf", "ivf_sq6", "ivf_sq8", "ivf_pq_refine",
+                   "hnsw_sq8"] = "auto"
+    nprobe: int = Field(0, ge=0)  # IVF lists searched per query; 0 = the kind's measured default
     search_threads: int = Field(1, ge=1)  # FAISS threads per search (requests run in parallel)
     max_batch: int = Field(64, ge=1)  # concurrent /recommend searches coalesced into one
     workers: int = Field(1, ge=1)  # server processes on the port, each with its own index

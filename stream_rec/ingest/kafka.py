@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -207,3 +207,39 @@ def topic_end_offsets(cfg: KafkaSettings, topic: str) -> dict[int, int]:
         return {tp.partition: off for tp, off in end_offsets(consumer, tps).items()} if tps else {}
     finally:
         consumer.close()
+
+
+def read_range(consumer: Any, start: dict[TopicPartition, int],
+               stop: dict[TopicPartition, int], idle_s: float = 10.0) -> Iterator[Any]:
+    """Records of each partition in ``[start, stop)`` via manual assignment (no group).
+
+    Stops when every partition reaches ``stop`` or nothing arrives for
+    ``idle_s`` (a range whose tail was deleted by retention).
+    """
+    todo = {tp: o for tp, o in stop.items() if start.get(tp, 0) < o}
+    if not todo:
+        return
+    consumer.assign(list(todo))
+    for tp in todo:
+        consumer.seek(tp, start.get(tp, 0))
+    last = time.monotonic()
+    while todo:
+        got = consumer.poll(timeout_ms=500, max_records=2000)
+        if not got:
+            if all(consumer.position(tp) >= end for tp, end in todo.items()):
+                break
+            if time.monotonic() - last > idle_s:
+                break
+            continue
+        last = time.monotonic()
+        for tp, recs in got.items():
+            end = todo.get(tp)
+            if end is None:
+                continue
+            for rec in recs:
+                if rec.offset >= end:
+                    break
+                yield rec
+            if consumer.position(tp) >= end:
+                del todo[tp]
+                consumer.pause(tp)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.net.sasl.oauth import AbstractTokenProvider
 
-if TYPE_CHECKING:
-    from stream_rec.settings import KafkaSettings
+# The functions below take a stream_rec.settings.KafkaSettings; settings.py calls them from
+# its validators, so this module does not import it back.
+KafkaSettings = Any
 
 ClientKind = Literal["producer", "consumer", "admin"]
 

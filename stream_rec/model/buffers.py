@@ -99,6 +99,23 @@ class ReplayRing:
         sel = sel[self.buffer.weight[sel] > 0]
         return self.buffer.take(sel)
 
+    def load(self, tables: dict[str, np.ndarray], prefix: str, pos: int, capacity: int) -> None:
+        """Restore a ring saved by a ring of ``capacity`` entries (next write at ``pos``).
+
+        Under the same capacity the layout is kept (so draws continue bit for
+        bit); under another, the newest entries are kept, oldest first.
+        """
+        n = len(tables[prefix + "user"])
+        if capacity == self.capacity:
+            self.size = self.buffer.load(tables, prefix)
+            self.pos = pos
+            return
+        order = np.arange(n) if n < capacity or n == 0 else (pos + np.arange(n)) % n
+        keep = order[max(0, n - self.capacity):]
+        self.buffer.load({prefix + c: tables[prefix + c][keep] for c in COLUMNS}, prefix)
+        self.size = len(keep)
+        self.pos = self.size % self.capacity if self.capacity else 0
+
     def forget(self, users: np.ndarray, items: np.ndarray) -> None:
         """Expired rows: their events weigh nothing and leave every history."""
         k = self.size

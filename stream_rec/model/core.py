@@ -14,8 +14,9 @@ import torch
 from .buffers import PendingChunk, ReplayRing
 from .config import ModelConfig
 from .fastpath import FastPath
+from .ids import shared_row
 from .params import Params
-from .train import Trainer
+from .trainer import Trainer
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -40,7 +41,13 @@ class ModelCore:
         self.step = 0                                      # training chunks completed
         self.replay = ReplayRing(c.replay, c.history)
         self.chunk = PendingChunk(c.train_chunk, c.history)
-        self.expiry_touched: list[int] = []   # users whose seen/history lost an expired item
+        # rows changed outside the fast path (an expired item left their seen list or
+        # history; a restore applied a new bound), reported by the next learn()
+        self.touched_users: list[int] = []
+        self.touched_items: list[int] = []
+        if c.shared_rows:   # reserved rows, initialised like new rows when the chunk ends
+            self.chunk.new_users.extend(range(c.shared_rows))
+            self.chunk.new_items.extend(range(c.shared_rows))
 
     @property
     def n_users(self) -> int:
@@ -51,13 +58,22 @@ class ModelCore:
         return len(self.fast.items)
 
     def user_row(self, user_id: str) -> int | None:
+        """The user's own row; ``None`` when unknown, waiting for admission or expired."""
         return self.fast.users.get(str(user_id))
+
+    def query_row(self, user_id: str) -> int | None:
+        """The row a user is answered from: their own, else their shared row (if any)."""
+        row = self.fast.users.get(str(user_id))
+        if row is None and self.cfg.shared_rows:
+            return shared_row(str(user_id), self.cfg.shared_rows)
+        return row
 
     def item_row(self, item_id: str) -> int | None:
         return self.fast.items.get(str(item_id))
 
-    def seen_rows(self, user_row: int) -> set[int]:
-        return self.fast.seen[user_row]
+    def seen_rows(self, user_row: int) -> np.ndarray:
+        """Item rows (int64) the user has seen, oldest first (at most ``seen_max``)."""
+        return self.fast.seen.rows(user_row)
 
     def live_items(self) -> np.ndarray:
         """Bool mask (I,) of rows that hold an item."""

@@ -8,14 +8,15 @@ Table names are those of :mod:`.tables`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 
 from . import tables as T
+from .config import ModelConfig
 from .core import ModelCore
 from .delta import StateDelta, select_rows
+from .fastpath import FastPath
+from .ids import id_hash
 from .params import to_numpy
 from .scoring import item_vectors
 from .state import ModelState
@@ -59,21 +60,16 @@ def row_tables(model: ModelCore, urows: np.ndarray | slice, irows: np.ndarray | 
     return out
 
 
-def seen_csr(model: ModelCore, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """CSR ``(indptr (len(rows) + 1,), items)`` int64 of the sorted seen lists of ``rows``."""
-    seen = model.fast.seen
-    lists = [np.fromiter(sorted(seen[r]), dtype=np.int64, count=len(seen[r])) for r in rows]
-    indptr = np.zeros(len(lists) + 1, dtype=np.int64)
-    if lists:
-        indptr[1:] = np.cumsum([len(s) for s in lists])
-    items = np.concatenate(lists) if lists else np.zeros(0, dtype=np.int64)
-    return indptr, items
+def seen_csr(model: ModelCore, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CSR ``(indptr (len(rows) + 1,), items)`` int64 of the seen lists of ``rows``, oldest first."""
+    return model.fast.seen.gather(rows)
 
 
 def global_tables(model: ModelCore) -> dict[str, np.ndarray]:
     """The small ``global.*`` tables (everything except the seen CSR), as copies."""
     p, f, chunk = model.params, model.fast, model.chunk
-    pu, pi = f.users.pending, f.items.pending
+    pu_keys, pu_counts = f.users.pending_tables()
+    pi_keys, pi_counts = f.items.pending_tables()
 
     def one(x: int | None) -> np.ndarray:
         return np.array([-1 if x is None else x], dtype=np.int64)
@@ -90,10 +86,10 @@ def global_tables(model: ModelCore) -> dict[str, np.ndarray]:
         T.REPLAY_POS: one(model.replay.pos),
         T.FREE_USERS: np.asarray(f.users.free, dtype=np.int64),
         T.FREE_ITEMS: np.asarray(f.items.free, dtype=np.int64),
-        T.PENDING_USER_IDS: np.asarray(list(pu.keys()), dtype=str),
-        T.PENDING_USER_COUNTS: np.asarray(list(pu.values()), dtype=np.int64),
-        T.PENDING_ITEM_IDS: np.asarray(list(pi.keys()), dtype=str),
-        T.PENDING_ITEM_COUNTS: np.asarray(list(pi.values()), dtype=np.int64),
+        T.PENDING_USER_KEYS: pu_keys,
+        T.PENDING_USER_COUNTS: pu_counts,
+        T.PENDING_ITEM_KEYS: pi_keys,
+        T.PENDING_ITEM_COUNTS: pi_counts,
         **chunk.buffer.tables(T.CHUNK, chunk.queued),
         T.CHUNK_FILL: one(chunk.filled),
         T.CHUNK_NEW_USERS: np.asarray(chunk.new_users, dtype=np.int64),
@@ -108,7 +104,7 @@ def export_state(model: ModelCore) -> ModelState:
     nu, ni = model.n_users, model.n_items
     tables = row_tables(model, slice(0, nu), slice(0, ni))
     tables.update(global_tables(model))
-    tables[T.SEEN_PTR], tables[T.SEEN_ITEMS] = seen_csr(model, range(nu))
+    tables[T.SEEN_PTR], tables[T.SEEN_ITEMS] = seen_csr(model, np.arange(nu, dtype=np.int64))
     return ModelState(config=model.cfg.model_dump(), user_ids=list(model.fast.users.ids),
                       item_ids=list(model.fast.items.ids), tables=tables)
 
@@ -120,7 +116,7 @@ def export_delta(model: ModelCore, users: np.ndarray | None,
     urows, irows = select_rows(users, nu), select_rows(items, ni)
     tables = row_tables(model, urows, irows)
     tables.update(global_tables(model))
-    ptr, seen = seen_csr(model, urows.tolist())
+    ptr, seen = seen_csr(model, urows)
     uids, iids = model.fast.users.ids, model.fast.items.ids
     return StateDelta(config=model.cfg.model_dump(), n_users=nu, n_items=ni, user_rows=urows,
                       item_rows=irows, user_ids=[uids[r] for r in urows.tolist()],
@@ -128,8 +124,49 @@ def export_delta(model: ModelCore, users: np.ndarray | None,
                       seen_indptr=ptr, seen_items=seen)
 
 
-def restore(model: ModelCore, state: ModelState) -> None:
-    """Load ``state`` into a freshly built ``model`` of the same config."""
+def chunk_filled(state: ModelState) -> int:
+    """Stream events in the state's incomplete training chunk."""
+    fill = state.tables.get(T.CHUNK_FILL)
+    return 0 if fill is None else int(fill[0])
+
+
+def _pending(t: dict[str, np.ndarray], keys: str, legacy_ids: str, counts: str
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Admission counts as (hash keys, counts); older states recorded the ids themselves."""
+    if keys in t:
+        return t[keys], t[counts]
+    ids = t.get(legacy_ids, np.zeros(0, dtype=str)).tolist()
+    return (np.asarray([id_hash(x) for x in ids], dtype=np.uint64),
+            t.get(counts, np.zeros(0, dtype=np.int64)))
+
+
+def _legacy_seen_order(f: FastPath, ptr: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Seen lists of a state from before ``seen_max``: sorted by row, order of clicks lost.
+
+    Each over-long list is reordered so that its items still in the history
+    come last (newest), in the history's order; a cap then keeps those.
+    """
+    limit = f.cfg.seen_max
+    items = items.copy()
+    lens = np.diff(ptr)
+    for u in np.flatnonzero(lens > limit).tolist() if limit > 0 else []:
+        lo, hi = int(ptr[u]), int(ptr[u + 1])
+        recent = list(dict.fromkeys(x for x in f.hist[u].tolist() if x >= 0))[::-1]
+        lst = items[lo:hi]
+        older = lst[~np.isin(lst, recent)]
+        items[lo:hi] = np.concatenate([older, np.asarray(recent, dtype=np.int64)])[-(hi - lo):]
+    return items
+
+
+def restore(model: ModelCore, state: ModelState, built_with: ModelConfig) -> None:
+    """Load ``state`` (built under ``built_with``) into a freshly built ``model``.
+
+    ``model.cfg`` may differ from ``built_with`` in the fields that
+    :func:`~stream_rec.model.config.restore_changes` lets change: seen lists
+    are cut to ``seen_max``, admission counts to ``pending_max``, the replay
+    ring to ``replay``; rows whose exported values change at once are added to
+    ``model.touched_users`` / ``touched_items``.
+    """
     t = state.tables
     p, f = model.params, model.fast
     nu, ni = len(state.user_ids), len(state.item_ids)
@@ -173,13 +210,18 @@ def restore(model: ModelCore, state: ModelState) -> None:
     f.t_ref = None if tr < 0 and wm < 0 else tr
     f.watermark = None if wm < 0 and tr < 0 else wm
     ptr, items = t[T.SEEN_PTR], t[T.SEEN_ITEMS]
-    f.seen = [set(items[ptr[r]:ptr[r + 1]].tolist()) for r in range(nu)]
+    if "seen_max" not in state.config:
+        items = _legacy_seen_order(f, ptr, items)
+    model.touched_users.extend(f.seen.load(ptr, items).tolist())
     f.users.restore(state.user_ids, t[T.FREE_USERS].tolist(),
-                    dict(zip(t[T.PENDING_USER_IDS].tolist(), t[T.PENDING_USER_COUNTS].tolist())))
+                    *_pending(t, T.PENDING_USER_KEYS, T.LEGACY_PENDING_USER_IDS,
+                              T.PENDING_USER_COUNTS))
     f.items.restore(state.item_ids, t[T.FREE_ITEMS].tolist(),
-                    dict(zip(t[T.PENDING_ITEM_IDS].tolist(), t[T.PENDING_ITEM_COUNTS].tolist())))
-    model.replay.size = model.replay.buffer.load(t, T.REPLAY)
-    model.replay.pos = int(t[T.REPLAY_POS][0])
+                    *_pending(t, T.PENDING_ITEM_KEYS, T.LEGACY_PENDING_ITEM_IDS,
+                              T.PENDING_ITEM_COUNTS))
+    model.replay.load(t, T.REPLAY, int(t[T.REPLAY_POS][0]), built_with.replay)
+    if model.cfg.pop_weight != built_with.pop_weight:   # every item vector changes
+        model.touched_items.extend(range(ni))
     if T.CHUNK_FILL in t:  # versions written before chunked training have none
         chunk = model.chunk
         chunk.queued = chunk.buffer.load(t, T.CHUNK)

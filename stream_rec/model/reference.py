@@ -14,9 +14,7 @@ it is not bitwise reproducible: the backward of its row gathers is a parallel
 
 from __future__ import annotations
 
-import itertools
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +23,7 @@ import torch
 from .buffers import Events, ReplayRing
 from .config import ModelConfig
 from .params import Params, n_buckets
+from .seen import SeenLists
 
 
 @dataclass
@@ -70,7 +69,7 @@ class ReferenceTrainer:
         self.params = params
         self.stats = {"chunks": 0, "steps": 0, "prepare_s": 0.0, "step_s": 0.0}
 
-    def train_chunk(self, events: Events, replay: ReplayRing, seen: Sequence[set[int]],
+    def train_chunk(self, events: Events, replay: ReplayRing, seen: SeenLists,
                     pop: np.ndarray, n_users: int, step: int) -> tuple[np.ndarray, np.ndarray]:
         t0 = time.perf_counter()
         out = train_chunk(self.params, self.cfg, events, replay, seen, pop, n_users, step)
@@ -81,7 +80,7 @@ class ReferenceTrainer:
 
 
 def train_chunk(params: Params, cfg: ModelConfig, events: Events, replay: ReplayRing,
-                seen: Sequence[set[int]], pop: np.ndarray, n_users: int, step: int
+                seen: SeenLists, pop: np.ndarray, n_users: int, step: int
                 ) -> tuple[np.ndarray, np.ndarray]:
     """``cfg.steps`` gradient steps on a chunk's ``events``; returns (users, items) touched.
 
@@ -105,7 +104,7 @@ def train_chunk(params: Params, cfg: ModelConfig, events: Events, replay: Replay
 
 
 def prepare_step(cfg: ModelConfig, ev: Events, rng: np.random.Generator,
-                 seen: Sequence[set[int]], pop: np.ndarray, n_users: int) -> AutogradBatch:
+                 seen: SeenLists, pop: np.ndarray, n_users: int) -> AutogradBatch:
     """Negatives, candidates, inverse indices, masks and prior of one step (host only)."""
     c = cfg
     live_items = len(pop)
@@ -161,7 +160,7 @@ def prepare_step(cfg: ModelConfig, ev: Events, rng: np.random.Generator,
                      mask_rows=mrow, mask_cols=mcol)
 
 
-def _seen_mask(ev: Events, seen: Sequence[set[int]], cand: np.ndarray, label: np.ndarray,
+def _seen_mask(ev: Events, seen: SeenLists, cand: np.ndarray, label: np.ndarray,
                live_items: int) -> tuple[np.ndarray, np.ndarray]:
     """(event, candidate) pairs where the candidate is in the user's seen set (not the target).
 
@@ -169,9 +168,8 @@ def _seen_mask(ev: Events, seen: Sequence[set[int]], cand: np.ndarray, label: np
     """
     bu = ev.user
     uniq_u, u_pos = np.unique(bu, return_inverse=True)
-    sets = [seen[x] for x in uniq_u.tolist()]
-    ulen = np.fromiter(map(len, sets), np.int64, len(sets))
-    uflat = np.fromiter(itertools.chain.from_iterable(sets), np.int64, int(ulen.sum()))
+    uptr, uflat = seen.gather(uniq_u)
+    ulen = np.diff(uptr)
     # candidate column of each (distinct user, seen item); most are not candidates,
     # so keep the pairs that are before expanding them to the user's events
     col = np.full(live_items, -1, dtype=np.int64)
@@ -179,7 +177,8 @@ def _seen_mask(ev: Events, seen: Sequence[set[int]], cand: np.ndarray, label: np
     ucol = col[uflat]
     keep = ucol >= 0
     pair_col = ucol[keep]
-    per_user = np.bincount(np.repeat(np.arange(len(sets)), ulen)[keep], minlength=len(sets))
+    per_user = np.bincount(np.repeat(np.arange(len(uniq_u)), ulen)[keep],
+                           minlength=len(uniq_u))
     pstart = np.cumsum(per_user) - per_user
     lens = per_user[u_pos]
     evs = np.repeat(np.arange(len(bu)), lens)

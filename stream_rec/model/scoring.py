@@ -71,8 +71,8 @@ def index_vectors(model: ModelCore, rows: np.ndarray | slice | None = None) -> t
 
 
 def score_user(model: ModelCore, user_id: str) -> np.ndarray | None:
-    """Scores (I,) float32 of every item row for a known user (seen not removed)."""
-    row = model.user_row(user_id)
+    """Scores (I,) float32 of every item row for a user with a (own or shared) row."""
+    row = model.query_row(user_id)
     if row is None:
         return None
     q = user_query(model, np.array([row]))
@@ -87,18 +87,16 @@ def popular_rows(model: ModelCore, k: int) -> np.ndarray:
 
 
 def recommend(model: ModelCore, user_id: str, k: int) -> list[tuple[str, float]]:
-    """Top-``k`` unseen items for ``user_id``; unknown users get decayed-popular items."""
+    """Top-``k`` unseen items for ``user_id``; users without a row get decayed-popular items."""
     ids = model.fast.items.ids
-    row = model.user_row(user_id)
+    row = model.query_row(user_id)
     if row is None:
         return [(ids[r], float(model.fast.pop[r])) for r in popular_rows(model, k)]
     scores = score_user(model, user_id)
     assert scores is not None
     scores = scores.astype(np.float32)
     scores[~model.live_items()] = -np.inf
-    seen_set = model.seen_rows(row)
-    seen = np.fromiter(seen_set, dtype=np.int64, count=len(seen_set))
-    scores[seen] = -np.inf
+    scores[model.seen_rows(row)] = -np.inf
     kk = min(k, int(np.isfinite(scores).sum()))
     if kk <= 0:
         return []

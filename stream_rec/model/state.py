@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from . import tables as T
+from .ids import shared_row
 
 
 @dataclass
@@ -87,6 +88,15 @@ class ModelState:
         if self._user_index is None:
             self._user_index = {u: r for r, u in enumerate(self.user_ids) if u}
         return self._user_index.get(str(user_id))
+
+    def query_row(self, user_id: str) -> int | None:
+        """The row ``user_id`` is answered from: their own, else (with ``shared_rows``)
+        the shared row of ids waiting for admission, else ``None`` (popular items)."""
+        row = self.user_row(user_id)
+        shared = int(self.config.get("shared_rows", 0))
+        if row is None and shared:
+            return shared_row(str(user_id), shared)
+        return row
 
     def item_row(self, item_id: str) -> int | None:
         """Row of ``item_id`` or ``None``."""
@@ -186,9 +196,10 @@ class ModelState:
     def recommend(self, user_id: str, k: int) -> list[tuple[str, float]]:
         """Reference answer through FAISS ``IndexFlatIP``: top-``k`` unseen items with scores.
 
-        Unknown users get decayed-popular items with their popularity score.
+        Users without a row (own or shared) get decayed-popular items with their
+        popularity score.
         """
-        row = self.user_row(user_id)
+        row = self.query_row(user_id)
         if row is None:
             rows = self.popular(k)
             return [(self.item_ids[r], float(self.tables[T.ITEM_POP_LOG][r])) for r in rows]

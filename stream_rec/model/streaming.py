@@ -20,18 +20,21 @@ for the design and measured ablations.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from . import content, export, scoring
-from .config import ModelConfig
+from .config import ModelConfig, config_of_state, restore_changes
 from .core import ModelCore, resolve_device
 from .delta import StateDelta
 from .expiry import expire
 from .state import Changed, ModelState
 
 __all__ = ["StreamingModel", "resolve_device"]
+
+log = logging.getLogger(__name__)
 
 
 class StreamingModel(ModelCore):
@@ -81,6 +84,10 @@ class StreamingModel(ModelCore):
             s = e
             if self.chunk.filled >= C:
                 self._end_chunk(ch_u, ch_i)
+        if self.touched_users or self.touched_items:
+            ch_u.append(np.asarray(self.touched_users, dtype=np.int64))
+            ch_i.append(np.asarray(self.touched_items, dtype=np.int64))
+            self.touched_users, self.touched_items = [], []
         if not ch_u:
             empty = np.zeros(0, dtype=np.int64)
             return Changed(users=empty, items=empty.copy())
@@ -104,8 +111,7 @@ class StreamingModel(ModelCore):
             events = events.select(~(np.isin(events.user, exp_u) | np.isin(events.item, exp_i)))
             if len(exp_i):
                 events.hist[np.isin(events.hist, exp_i)] = -1
-        ch_u.extend([exp_u, new_u, np.asarray(self.expiry_touched, dtype=np.int64)])
-        self.expiry_touched = []
+        ch_u.extend([exp_u, new_u])
         ch_i.extend([exp_i, new_i])
         if len(events):
             tu, ti = self.trainer.train_chunk(events, self.replay, self.fast.seen,
@@ -158,8 +164,24 @@ class StreamingModel(ModelCore):
         return export.export_delta(self, users, items)
 
     @classmethod
-    def from_state(cls, state: ModelState, device: str = "auto") -> StreamingModel:
-        """Exact restore: learning continues as if never interrupted (bitwise on CPU)."""
-        model = cls(ModelConfig(**state.config), device=device)
-        export.restore(model, state)
+    def from_state(cls, state: ModelState, device: str = "auto",
+                   cfg: ModelConfig | None = None) -> StreamingModel:
+        """Exact restore: learning continues as if never interrupted (bitwise on CPU).
+
+        ``cfg`` (the worker passes ``settings.model``) is the configuration to
+        continue under; ``None`` keeps the state's. A setting that differs from
+        the state's is applied from here on and logged, or, when the state's
+        tables depend on it (``config.FIXED_ON_RESTORE``), refused with
+        :class:`~stream_rec.model.config.RestoreRefused` naming it. Rows a
+        changed bound alters at once (seen lists cut to a smaller ``seen_max``;
+        every item's vector under a new ``pop_weight``) are reported by the
+        next :meth:`learn`.
+        """
+        old = config_of_state(state.config)
+        changes = [] if cfg is None else restore_changes(old, cfg, export.chunk_filled(state))
+        if changes:
+            log.info("restoring a state built with other model settings; applying %s",
+                     ", ".join(changes))
+        model = cls(cfg or old, device=device)
+        export.restore(model, state, old)
         return model

@@ -23,16 +23,14 @@ grow between its preparation and its step.
 
 from __future__ import annotations
 
-import itertools
-import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from .buffers import Events, ReplayRing
 from .config import ModelConfig
-from .params import Params, n_buckets
+from .params import n_buckets
+from .seen import SeenLists
 
 MASKED = -1e4   # logit of an excluded (event, candidate) cell and of a padding column
 
@@ -187,7 +185,7 @@ class Workspace:
         return uniq, self._pos[x]
 
 
-def prepare_chunk(cfg: ModelConfig, events: Events, replay: ReplayRing, seen: Sequence[set[int]],
+def prepare_chunk(cfg: ModelConfig, events: Events, replay: ReplayRing, seen: SeenLists,
                   pop: np.ndarray, n_users: int, step: int, plan: Plan | None = None,
                   ws: Workspace | None = None, content: bool = False) -> PreparedChunk:
     """Host part of a chunk's ``cfg.steps`` gradient steps; independent of the parameters.
@@ -219,7 +217,7 @@ def prepare_chunk(cfg: ModelConfig, events: Events, replay: ReplayRing, seen: Se
 
 
 def prepare_step(cfg: ModelConfig, ev: Events, rng: np.random.Generator,
-                 seen: Sequence[set[int]], pop: np.ndarray, n_users: int,
+                 seen: SeenLists, pop: np.ndarray, n_users: int,
                  plan: Plan, ws: Workspace, content: bool = False) -> StepBatch:
     """Negatives, candidates, inverse indices, seen pairs and prior of one step, packed."""
     c = cfg
@@ -324,60 +322,10 @@ def _prior(c: ModelConfig, cand: np.ndarray, label: np.ndarray, pop: np.ndarray)
     return prior.astype(np.float32)
 
 
-def seen_pairs(seen: Sequence[set[int]], users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def seen_pairs(seen: SeenLists, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(index into ``users``, item row) of every item the step's distinct users have seen.
 
     The device matches them against the candidates; the host only lists them.
     """
-    sets = [seen[x] for x in users.tolist()]
-    lens = np.fromiter(map(len, sets), np.int64, len(sets))
-    items = np.fromiter(itertools.chain.from_iterable(sets), np.int64, int(lens.sum()))
-    return np.repeat(np.arange(len(sets)), lens), items
-
-
-class Trainer:
-    """Prepares and runs training chunks for one model's :class:`Params`.
-
-    :meth:`prepare` may run on another thread (with its own :class:`Workspace`)
-    or process, ahead of the device. Everything that touches the parameters --
-    :meth:`run`, the chunk-end ``Params.init_*`` / ``clear_*`` and exports --
-    must be called from one thread in chunk order; on CUDA they are queued on
-    one stream and return at once, so that thread is not held up by the device.
-    ``stats`` accumulates seconds spent preparing (host) and running (CPU) or
-    enqueuing (CUDA) steps.
-    """
-
-    def __init__(self, cfg: ModelConfig, params: Params, graphs: bool | None = None) -> None:
-        from .step import StepRunner
-
-        self.cfg = cfg
-        self.params = params
-        self.plan = Plan.for_device(params.device.type)
-        self.ws = Workspace()
-        self.runner = StepRunner(params, cfg, graphs=graphs)
-        self.stats = {"chunks": 0, "steps": 0, "prepare_s": 0.0, "step_s": 0.0}
-
-    def prepare(self, events: Events, replay: ReplayRing, seen: Sequence[set[int]],
-                pop: np.ndarray, n_users: int, step: int) -> PreparedChunk:
-        """:func:`prepare_chunk` with this trainer's buckets and workspace."""
-        t0 = time.perf_counter()
-        out = prepare_chunk(self.cfg, events, replay, seen, pop, n_users, step,
-                            self.plan, self.ws, content=self.params.n_text > 0)
-        self.stats["prepare_s"] += time.perf_counter() - t0
-        return out
-
-    def run(self, chunk: PreparedChunk) -> None:
-        """Queue the chunk's steps on the device (CPU: run them)."""
-        t0 = time.perf_counter()
-        for b in chunk.steps:
-            self.runner.run(b)
-        self.stats["step_s"] += time.perf_counter() - t0
-        self.stats["chunks"] += 1
-        self.stats["steps"] += len(chunk.steps)
-
-    def train_chunk(self, events: Events, replay: ReplayRing, seen: Sequence[set[int]],
-                    pop: np.ndarray, n_users: int, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """Prepare and run a chunk; returns the (users, items) rows it changes."""
-        chunk = self.prepare(events, replay, seen, pop, n_users, step)
-        self.run(chunk)
-        return chunk.users, chunk.items
+    ptr, items = seen.gather(users)
+    return np.repeat(np.arange(len(users)), np.diff(ptr)), items

@@ -8,7 +8,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
@@ -172,39 +172,3 @@ def topic_partitions(consumer: Any, topic: str) -> list[TopicPartition]:
     if not parts:
         raise usage_error(f"topic {topic!r} does not exist")
     return [TopicPartition(topic, p) for p in sorted(parts)]
-
-
-def read_range(consumer: Any, start: dict[TopicPartition, int],
-               stop: dict[TopicPartition, int], idle_s: float = 10.0) -> Iterator[Any]:
-    """Records of each partition in ``[start, stop)`` via manual assignment (no group).
-
-    Stops when every partition reaches ``stop`` or nothing arrives for
-    ``idle_s`` (a range whose tail was deleted by retention).
-    """
-    todo = {tp: o for tp, o in stop.items() if start.get(tp, 0) < o}
-    if not todo:
-        return
-    consumer.assign(list(todo))
-    for tp in todo:
-        consumer.seek(tp, start.get(tp, 0))
-    last = time.monotonic()
-    while todo:
-        got = consumer.poll(timeout_ms=500, max_records=2000)
-        if not got:
-            if all(consumer.position(tp) >= end for tp, end in todo.items()):
-                break
-            if time.monotonic() - last > idle_s:
-                break
-            continue
-        last = time.monotonic()
-        for tp, recs in got.items():
-            end = todo.get(tp)
-            if end is None:
-                continue
-            for rec in recs:
-                if rec.offset >= end:
-                    break
-                yield rec
-            if consumer.position(tp) >= end:
-                del todo[tp]
-                consumer.pause(tp)

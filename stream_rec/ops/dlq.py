@@ -23,13 +23,12 @@ from typing import Any
 
 from kafka import TopicPartition
 
-from stream_rec.ingest.kafka import end_offsets
+from stream_rec.ingest.kafka import end_offsets, read_range
 from stream_rec.ops.common import (
     add_command,
     add_group,
     emit,
     parse_pairs,
-    read_range,
     settings_for,
     topic_partitions,
     usage_error,

@@ -23,14 +23,13 @@ from typing import Any
 import orjson
 from kafka import TopicPartition
 
-from stream_rec.ingest.kafka import end_offsets
+from stream_rec.ingest.kafka import end_offsets, read_range
 from stream_rec.ops.common import (
     add_command,
     emit,
     open_store,
     parse_pairs,
     parse_time,
-    read_range,
     settings_for,
     topic_partitions,
     usage_error,

@@ -8,6 +8,7 @@ reference, so requests in flight finish on the version they started with.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -44,6 +45,10 @@ class Plan:
     query: np.ndarray | None
     exclude: np.ndarray
     overlay_events: int = 0  # the user's clicks past the version that the query includes
+    overlay_reach: dict[int, int] | None = None  # how far the overlay had read, at planning
+    # The overlay moved on to a newer version than this state's: the clicks that version
+    # covers are no longer in it, so the answer must be planned on the newer state.
+    stale: bool = False
     scored: tuple[np.ndarray, np.ndarray] | None = None
 
 
@@ -135,7 +140,8 @@ class ServingState:
         the overlay adds those read from the topic past the version's offsets.
         """
         clicks: list[Click] = []
-        if overlay is not None and (mine := overlay.clicks(user_id)) is not None:
+        if overlay is not None:
+            mine = overlay.clicks(user_id)
             clicks = [Click(i, int(ts)) for i, ts in zip(mine.items, mine.ts)]
         row = self.state.user_row(user_id)
         if row is not None:
@@ -155,14 +161,18 @@ class ServingState:
         (those past the version's offsets), newest first. A user the version
         does not know but the overlay does gets a query from those clicks alone.
         """
-        row = self.state.user_row(user_id)
+        row = self.state.query_row(user_id)  # own row, else a shared one (admission pending)
         clicks = overlay.clicks(user_id) if overlay is not None else None
-        if clicks is None:
+        reach = clicks.reach if clicks is not None else None
+        if clicks is not None and clicks.base_version is not None \
+                and clicks.base_version > self.version:
+            return Plan(None, np.zeros(0, dtype=np.int64), 0, reach, stale=True)
+        if clicks is None or not clicks.events:
             if row is None:
-                return Plan(None, np.zeros(0, dtype=np.int64))
+                return Plan(None, np.zeros(0, dtype=np.int64), 0, reach)
             query = self.state.query(np.array([row], dtype=np.int64))[0]
             exclude = np.asarray(self.state.seen(row), dtype=np.int64)
-            return self._with_content(Plan(query, exclude),
+            return self._with_content(Plan(query, exclude, 0, reach),
                                       self.state.tables[T.USER_HIST][row])
         hist, hist_ts = self._history(row, clicks)
         query = self.state.query_history(hist[None, :], hist_ts[None, :],
@@ -171,7 +181,7 @@ class ServingState:
         exclude = np.asarray(seen_rows, dtype=np.int64)
         if row is not None:
             exclude = np.union1d(self.state.seen(row), exclude)
-        return self._with_content(Plan(query, exclude, clicks.events), hist)
+        return self._with_content(Plan(query, exclude, clicks.events, reach), hist)
 
     def _with_content(self, plan: Plan, hist: np.ndarray) -> Plan:
         """``plan`` with the content term for young items, from the history the query used."""
@@ -212,8 +222,9 @@ class ServingState:
         body = {"user_id": user_id, **self.meta(), "fallback": fallback,
                 "items": [{"item_id": i, "score": s} for i, s in items]}
         if overlay is not None:
+            reach = plan.overlay_reach if plan.overlay_reach is not None else overlay.reach
             body["overlay"] = {"events": plan.overlay_events,
-                               "offsets": {str(p): o for p, o in overlay.reach.items()}}
+                               "offsets": {str(p): o for p, o in reach.items()}}
         return body
 
     def recommend(self, user_id: str, k: int, overlay: Overlay | None = None) -> dict[str, Any]:
@@ -321,8 +332,8 @@ class YoungItems:
         keep = ~np.isin(self.rows, plan.exclude)
         rows = self.rows[keep]
         scores = (self.vectors @ q)[keep].astype(np.float32, copy=False)
-        return Plan(plan.query, np.union1d(plan.exclude, self.rows), plan.overlay_events,
-                    (rows, scores))
+        return dataclasses.replace(plan, exclude=np.union1d(plan.exclude, self.rows),
+                                   scored=(rows, scores))
 
 
 class SnapshotWatcher:
@@ -423,3 +434,19 @@ class SnapshotWatcher:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=5)
+
+
+def plan_on_newest(watcher: SnapshotWatcher, user_id: str, overlay: Overlay | None
+                   ) -> tuple[ServingState, Plan] | None:
+    """The state an answer is planned on, and its plan; ``None`` before any version.
+
+    When a swap comes between reading the state and planning, the overlay has
+    already dropped the clicks the newer version covers: plan again on it.
+    """
+    while True:
+        current = watcher.current
+        if current is None:
+            return None
+        plan = current.plan(user_id, overlay)
+        if not plan.stale:
+            return current, plan

@@ -143,6 +143,11 @@ class Lease:
         self._renewed = written
         return True
 
+    @property
+    def renewed_at(self) -> float:
+        """Monotonic time of the last successful write of this holder's epoch."""
+        return self._renewed
+
     def held(self) -> bool:
         """Held, and renewed recently enough that no standby can have taken it over."""
         return self.epoch is not None and time.monotonic() - self._renewed < self.ttl_s

@@ -78,6 +78,7 @@ class Publisher:
         self._idle.set()
         self.error: BaseException | None = None
         self.seconds_last = 0.0
+        self.cpu_s = 0.0  # CPU time of the publisher thread (serialising, checksums, writes)
         self._thread = threading.Thread(target=self._run, name="snapshot-publisher",
                                         daemon=True)
         self._thread.start()
@@ -120,7 +121,7 @@ class Publisher:
             job = self._jobs.get()
             if job is None:
                 return
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 self._write(job)
             except BaseException as exc:  # surfaced on the training thread
@@ -129,6 +130,7 @@ class Publisher:
                 self._idle.set()
                 return
             self.seconds_last = time.perf_counter() - t0
+            self.cpu_s += time.thread_time() - c0
             self._idle.set()
 
     def _write(self, job: PublishJob) -> None:

@@ -1,8 +1,9 @@
 """The worker's catalogue stage: item metadata in, text vectors out, announced to the model.
 
 A model with content (``model.content_dim`` > 0) reads ``kafka.items_topic``
-beside the clicks. The loop calls :meth:`Catalogue.step` between micro-batches;
-it never waits for the encoder:
+beside the clicks. The process that holds the model -- the serial worker's loop,
+or a pipelined worker's trainer -- calls :meth:`Catalogue.tick` between
+micro-batches; it never waits, neither for the topic nor for the encoder:
 
 1. **Read** what the topic has (a non-blocking poll of its own group-less
    consumer, assigned every partition: every worker needs the whole
@@ -28,9 +29,10 @@ letters are flushed before a version records offsets past them
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from kafka import TopicPartition
@@ -43,6 +45,11 @@ from stream_rec.ingest.dlq import DeadLetterWriter
 from stream_rec.ingest.kafka import TopicMissing, make_consumer, make_producer, require_topics
 from stream_rec.metrics import WorkerMetrics, dead_letter_reason_label
 from stream_rec.settings import Settings
+
+if TYPE_CHECKING:
+    from stream_rec.model import StreamingModel
+
+    from .checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +79,8 @@ class Catalogue:
         self.waiting: dict[str, tuple[int, int, Any]] = {}
         self.announced = 0                 # items announced since start (one per vector)
         self.refused = 0                   # dead letters written
+        self.retry_s = settings.worker.topic_check_interval_s
+        self._retry_at = 0.0
 
     # -- positions ------------------------------------------------------------
     def open(self, held: Offsets) -> bool:
@@ -206,6 +215,32 @@ class Catalogue:
         self.refused += 1
         if self.metrics is not None:
             self.metrics.dead_letters.labels(dead_letter_reason_label(err)).inc()
+
+    # -- in the process that holds the model and the checkpoint -----------------
+    def tick(self, checkpoint: Checkpoint, model: StreamingModel) -> None:
+        """One step for the serial worker's loop or a pipeline's trainer: open the topic
+        when due, read, announce into ``model``, and have ``checkpoint`` publish the rows
+        and record the catalogue's offsets. Never waits.
+
+        Until the items topic exists (with ``kafka.create_topics`` off) it is
+        looked for again every ``worker.topic_check_interval_s``.
+        """
+        if self.consumer is None:
+            now = time.monotonic()
+            if now < self._retry_at:
+                return
+            self._retry_at = now + self.retry_s
+            if not self.open(checkpoint.published_offsets(self.topic)):
+                return
+            checkpoint.side_offsets = lambda: {self.topic: self.offsets()}
+        before = self.offsets()
+        announced = self.step(lambda ids, vectors: checkpoint.changed(model.announce(ids, vectors)))
+        if not announced and self.offsets() != before:
+            checkpoint.dirty = True        # dead letters only: record the offsets
+
+    def rewound(self, checkpoint: Checkpoint) -> None:
+        """The model went back to the checkpoint's newest durable version."""
+        self.rewind(checkpoint.published_offsets(self.topic))
 
     # -- the checkpoint's side -------------------------------------------------
     def flush(self) -> None:

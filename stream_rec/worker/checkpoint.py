@@ -65,6 +65,7 @@ class Checkpoint:
         self.events = 0                     # valid events in the model
         self.version: int | None = None     # newest durable version
         self.restored: Manifest | None = None
+        self.durable_offsets: dict[int, int] | None = None  # set where no publisher runs
         self.dirty = False                  # learned anything since the last publish?
         self.publisher: Publisher | None = None
         # offsets of other topics the model holds (the catalogue), recorded beside the topic's
@@ -84,7 +85,7 @@ class Checkpoint:
         self.restored = m
         log.info("restored version %d: %s events, offsets %s", m.version,
                  m.counts.get("events"), self.offsets)
-        return StreamingModel.from_state(snapshot.state, device=device)
+        return StreamingModel.from_state(snapshot.state, device=device, cfg=cfg)
 
     def start_publisher(self) -> Publisher:
         self.publisher = Publisher(self.store, self.restored)
@@ -114,7 +115,7 @@ class Checkpoint:
             model = StreamingModel(cfg, device=device)
             self.watermark, self.events = None, 0
         else:
-            model = StreamingModel.from_state(snapshot.state, device=device)
+            model = StreamingModel.from_state(snapshot.state, device=device, cfg=cfg)
             self.watermark = snapshot.manifest.watermark
             self.events = int(snapshot.manifest.counts.get("events", 0))
         self.offsets = target
@@ -135,6 +136,8 @@ class Checkpoint:
     def published_offsets(self, topic: str | None = None) -> dict[int, int]:
         """The offsets of the newest durable version (where a restart would resume) in
         ``topic`` (default: the click topic)."""
+        if self.durable_offsets is not None and topic in (None, self.topic):
+            return dict(self.durable_offsets)  # a pipeline's consumer, told by its trainer
         published = self.publisher.parent if self.publisher is not None else self.restored
         return dict(published.offsets.get(topic or self.topic, {})) if published else {}
 
@@ -171,6 +174,13 @@ class Checkpoint:
                 self.offsets[rec.partition] = rec.offset + 1
         if records:
             self.dirty = True
+
+    def advance_to(self, ends: dict[int, int]) -> None:
+        """The model now holds every record before ``ends`` (partition -> next offset)."""
+        for p, end in ends.items():
+            if end > self.offsets.get(p, -1):
+                self.offsets[p] = end
+                self.dirty = True
 
     # -- the commit sequence --------------------------------------------
     def publish(self, model: StreamingModel, dlq: DeadLetterSink) -> None:

@@ -39,7 +39,7 @@ from stream_rec.snapshot.publisher import FullPolicy
 
 from .catalogue import Catalogue
 from .checkpoint import Checkpoint, NonFinite
-from .health import Health, LeaseKeeper, serve_health
+from .health import Health, LeaseKeeper
 from .source import BoundedSource, Bounds, GroupSource
 from .topic import TopicGuard
 
@@ -85,7 +85,8 @@ class Worker:
             if bounds is None else BoundedSource(self.kafka, bounds, self.guard))
         self.model: StreamingModel | None = None
         self.catalogue: Catalogue | None = None   # with content: the items topic
-        self._catalogue_retry_at = 0.0
+        # Monotonic time consumption began (after lease, restore and start-up), for benchmarks.
+        self.consuming_since: float | None = None
 
     # -- what the checkpoint holds, for callers and tests -------------------
     @property
@@ -164,6 +165,7 @@ class Worker:
             log.info("stopped while waiting for topic %s", self.kafka.topic)
             return 0
         self.health.active()
+        self.consuming_since = time.monotonic()
         # Dead letters: their topic is created when missing if kafka.create_topics allows.
         require_topics(self.kafka, [self.kafka.dlq_topic])
         dlq = DeadLetterWriter(make_producer(self.kafka), self.kafka.dlq_topic)
@@ -177,8 +179,9 @@ class Worker:
                 records = self.poll_batch(wcfg.batch_max_events, wcfg.batch_max_ms)
                 if records:
                     self.apply(records, dlq)
-                if self.catalogue is not None:
-                    self.catalogue_step()
+                if self.catalogue is not None:   # never waits: clicks are not held up
+                    assert self.model is not None
+                    self.catalogue.tick(self.checkpoint, self.model)
                 self.commit_published()
                 if publisher.busy():
                     continue
@@ -282,36 +285,9 @@ class Worker:
                                                 self.settings.worker.device)
             self._rewind_catalogue()
 
-    # -- the catalogue (worker/catalogue.py) -------------------------------
-    def catalogue_step(self) -> None:
-        """Read what the catalogue has, announce finished vectors; never waits (neither for
-        the topic nor for the encoder), so clicks are not held up.
-
-        Until the items topic exists (with ``kafka.create_topics`` off) it is
-        looked for again every ``worker.topic_check_interval_s``.
-        """
-        cat = self.catalogue
-        assert cat is not None and self.model is not None
-        if cat.consumer is None:
-            now = time.monotonic()
-            if now < self._catalogue_retry_at:
-                return
-            self._catalogue_retry_at = now + self.settings.worker.topic_check_interval_s
-            if not cat.open(self.checkpoint.published_offsets(cat.topic)):
-                return
-            self.checkpoint.side_offsets = lambda: {cat.topic: cat.offsets()}
-        before = cat.offsets()
-        announced = cat.step(self._announce)
-        if not announced and cat.offsets() != before:
-            self.checkpoint.dirty = True        # dead letters only: record the offsets
-
-    def _announce(self, ids: list[str], vectors: Any) -> None:
-        assert self.model is not None
-        self.checkpoint.changed(self.model.announce(ids, vectors))
-
     def _rewind_catalogue(self) -> None:
         if self.catalogue is not None:
-            self.catalogue.rewind(self.checkpoint.published_offsets(self.catalogue.topic))
+            self.catalogue.rewound(self.checkpoint)
 
     # -- the loop's steps ------------------------------------------------
     def poll_batch(self, max_events: int, max_ms: int) -> list[Any]:
@@ -396,18 +372,3 @@ class Worker:
                   manifest.version, manifest.counts.get("events"), manifest.watermark)
         if self.on_publish:
             self.on_publish(manifest.version)
-
-
-def run_worker(settings: Settings, stop: threading.Event | None = None) -> int:
-    """``stream-rec worker``: 0 after a requested stop, 3 when fenced by another writer."""
-    worker = Worker(settings, stop=stop)
-    if stop is None:
-        worker.install_signal_handlers()
-    if settings.worker.metrics_port:
-        serve_health(worker.health.check, worker.metrics.registry, settings.worker.metrics_port,
-                     host=settings.worker.metrics_host)
-    try:
-        return worker.run()
-    except Fenced as exc:
-        log.error("fenced: %s", exc)
-        return 3

@@ -25,6 +25,8 @@ CONFIGS = [
     {},
     {"tied": False, "transition": True, "mask_seen": False, "pop_weight": 0.3},
     {"inbatch_negatives": 32, "use_user_vector": False, "ttl_ms": 3_000, "admit_after": 2},
+    {"admit_after": 3, "shared_rows": 8, "seen_max": 5, "max_users": 80, "max_items": 120,
+     "pending_max": 10},
 ]
 USERS = ["u0", "u3", "u7", "u42", "u99", "never-seen"]
 K = 10
@@ -64,7 +66,7 @@ def _paths(model: StreamingModel, tmp_path: Path):
     return {"in_memory": in_memory, "snapshot": snapshot, "served": served}, client
 
 
-@pytest.mark.parametrize("extra", CONFIGS, ids=["default", "untied", "admission"])
+@pytest.mark.parametrize("extra", CONFIGS, ids=["default", "untied", "admission", "bounded"])
 def test_every_path_gives_the_same_top_k(extra: dict, tmp_path: Path) -> None:
     model = _trained(extra)
     paths, client = _paths(model, tmp_path)

@@ -81,6 +81,7 @@ def test_worker_restores_the_newest_valid_version(how: str, tmp_path: Path) -> N
     settings.store.path = str(tmp_path / "store")
     settings.kafka.topic = "clicks"
     settings.worker.device = "cpu"
+    settings.model.dim, settings.model.train_chunk = 16, 100  # as trained_state() was built
     worker = Worker(settings, store=SnapshotStore(tmp_path / "store", keep_versions=10))
     model = worker.restore()
     assert worker.version == 1

@@ -30,7 +30,8 @@ def test_sigterm_while_starting_or_running_exits_0(delay_s: float, kafka_cfg: Ka
     store = tmp_path / "store"
     SnapshotStore(store).publish(trained_state(600), offsets={kafka_cfg.topic: {0: 0}},
                                  watermark=1)
-    proc = spawn(["worker"], env_for(kafka_cfg, store, **SMALL_MODEL), tmp_path / "w.log")
+    env = env_for(kafka_cfg, store, **{**SMALL_MODEL, "STREAM_REC_MODEL__DIM": "16"})
+    proc = spawn(["worker"], env, tmp_path / "w.log")   # dim as trained_state() was built
     wait_until(lambda: catches(proc, signal.SIGTERM) or proc.poll() is not None, 30,
                interval_s=0.005, what="the worker to install its stop handler")
     time.sleep(delay_s)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -43,7 +44,7 @@ def test_standby_takes_over_from_a_killed_writer(kafka_cfg: KafkaSettings,
     ensure_topics(kafka_cfg, [kafka_cfg.topic, kafka_cfg.dlq_topic])
     port_a, port_b = free_port(), free_port()
     env = {**SMALL_MODEL, **LEASE}
-    feeder = Feeder(kafka_cfg, rate=800, limit=9000).start()
+    feeder = Feeder(kafka_cfg, rate=600).start()   # until the new writer is active
     a = spawn(["worker"], env_for(kafka_cfg, store, **env,
                                   STREAM_REC_WORKER__METRICS_PORT=str(port_a)),
               tmp_path / "a.log")
@@ -65,7 +66,8 @@ def test_standby_takes_over_from_a_killed_writer(kafka_cfg: KafkaSettings,
         assert a.wait(10) == -signal.SIGKILL
         wait_until(lambda: _health(port_b).get("role") == "active", 30,
                    what="the standby to take the lease over")
-        feeder.join()
+        time.sleep(1.0)
+        feeder.finish()
         wait_until(lambda: caught_up(store, kafka_cfg.topic, feeder.ends), 90,
                    what="the new writer to publish every produced offset")
         b.send_signal(signal.SIGTERM)

@@ -15,6 +15,10 @@ from stream_rec.datasets import iter_synthetic
 from stream_rec.model import Changed, ModelConfig, ModelState, StreamingModel
 
 SMALL = {"dim": 16, "history": 10, "negatives": 64, "replay": 500, "replay_per_step": 100}
+# every bound binding on the synthetic streams (100 users, 200 items): seen lists cut,
+# admission counts forgotten, rows evicted, waiting ids learned on shared rows
+BOUNDED = {"seen_max": 4, "max_users": 40, "max_items": 70, "admit_after": 2,
+           "pending_max": 6, "shared_rows": 3}
 
 
 def _assert_same(sa: ModelState, sb: ModelState) -> None:
@@ -70,6 +74,7 @@ def test_unknown_user_gets_popular(trained: StreamingModel) -> None:
     {},
     {"tied": False, "transition": True, "mask_seen": False, "pop_weight": 0.3},
     {"inbatch_negatives": 64, "use_user_vector": False, "ttl_ms": 3_000, "admit_after": 2},
+    BOUNDED,
 ])
 def test_state_round_trip_continues_bitwise(extra: dict) -> None:
     users, items, ts = _events(2400)
@@ -160,6 +165,7 @@ def test_click_changes_answer_immediately(trained: StreamingModel) -> None:
 @pytest.mark.parametrize("n_users, extra", [
     (100, {}),
     (7, {"admit_after": 2, "ttl_ms": 2_000}),   # many events per user per batch (> history)
+    (100, {**BOUNDED, "ttl_ms": 2_000}),
 ])
 def test_callback_path_matches_batch_path(n_users: int, extra: dict) -> None:
     """learn() with a per-event observer ends in exactly the same state as without."""
@@ -179,14 +185,16 @@ def test_callback_path_matches_batch_path(n_users: int, extra: dict) -> None:
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), sizes=st.lists(st.integers(1, 150), min_size=1, max_size=4),
-       frac_u=st.floats(0.0, 1.0), frac_i=st.floats(0.0, 1.0), ttl=st.booleans())
+       frac_u=st.floats(0.0, 1.0), frac_i=st.floats(0.0, 1.0), bounds=st.integers(0, 2))
 def test_delta_equals_delta_from_state(seed: int, sizes: list[int], frac_u: float,
-                                       frac_i: float, ttl: bool) -> None:
+                                       frac_i: float, bounds: int) -> None:
     """delta(rows) is field by field, bitwise, delta_from_state(state(), rows)."""
     from stream_rec.model import delta_from_state
 
-    cfg = ModelConfig(dim=8, history=5, seed=seed % 5, pop_weight=0.3,
-                      **({"ttl_ms": 40_000, "admit_after": 2} if ttl else {}))
+    extra = [{}, {"ttl_ms": 40_000, "admit_after": 2},
+             {"seen_max": 3, "max_users": 12, "max_items": 20, "admit_after": 2,
+              "pending_max": 4, "shared_rows": 2}][bounds]
+    cfg = ModelConfig(dim=8, history=5, seed=seed % 5, pop_weight=0.3, **extra)
     m = StreamingModel(cfg, device="cpu")
     ev = list(itertools.islice(iter_synthetic(n_users=30, n_items=50, seed=seed), sum(sizes)))
     rng = np.random.default_rng(seed)
@@ -227,6 +235,7 @@ def _splits(rng: np.random.Generator, n: int, hi: int) -> list[int]:
 CHUNKED = [
     {"train_chunk": 700},
     {"train_chunk": 256, "ttl_ms": 3_000, "admit_after": 2, "mask_seen": False},
+    {"train_chunk": 300, "ttl_ms": 5_000, **BOUNDED},
 ]
 
 
