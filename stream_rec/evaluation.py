@@ -229,13 +229,22 @@ def _to_arrays(events: Any) -> tuple[list[str], list[str], np.ndarray, np.ndarra
 # ------------------------------------------------------------------------- run
 def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: int = 0,
              batch_size: int = 1000, model_cfg: ModelConfig | None = None,
-             device: str = "auto", baselines: bool = True) -> dict[str, Any]:
+             device: str = "auto", baselines: bool = True,
+             catalogue: list[dict[str, Any]] | None = None,
+             vectors: dict[str, np.ndarray] | None = None,
+             content_alpha: float = 1.5) -> dict[str, Any]:
     """Prequential evaluation; returns the JSON result described in the module docstring.
 
     ``events``: iterable of event dicts (``user_id``, ``item_id``, ``ts`` ms,
     optional ``weight``) or the structured array of :func:`datasets.load_ml100k`.
     ``baselines=False`` runs the model alone (for ablations). The tested sample is every ``sample_every``-th event after warm-up, starting
     at offset ``seed % sample_every``.
+
+    With ``catalogue`` (item dicts with ``item_id`` and ``ts``) and ``vectors``
+    (item id -> text vector), the same run also trains the model with content
+    and adds ``"content"`` to the result (:mod:`stream_rec.evaluation_content`):
+    both models ranked on the sample, on the cold slice and on announced items'
+    first events, with the serving content term at ``content_alpha``.
     """
     cfg = model_cfg or ModelConfig()
     users, items, ts, ws = _to_arrays(events)
@@ -244,6 +253,14 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
     tested = np.zeros(n, dtype=bool)
     if sample_every > 0 and start < n:
         tested[start + (seed % sample_every)::sample_every] = True
+    slices = None
+    extra = np.zeros(n, dtype=bool)          # events ranked for the content comparison only
+    base_ranks: dict[int, int | None] = {}
+    if vectors is not None:
+        from .evaluation_content import content_slices
+
+        slices = content_slices(items, ts, start, tested, catalogue or [])
+        extra = slices["cold"] | slices["first"]
     model = StreamingModel(cfg, device=device)
     with_baselines = baselines
     runners: dict[str, _Baseline] = {} if not with_baselines else {
@@ -262,8 +279,13 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
                    bt: np.ndarray = bt, bw: np.ndarray = bw) -> None:
             nonlocal test_s
             t0 = time.perf_counter()
-            if tested[b0 + j]:
-                mm.add(_model_rank(model, bu[j], bi[j]))
+            k = b0 + j
+            if tested[k] or extra[k]:
+                rank = _model_rank(model, bu[j], bi[j])
+                if slices is not None:
+                    base_ranks[k] = rank
+            if tested[k]:
+                mm.add(rank)
                 for bl in runners.values():
                     bl.test(bu[j], bi[j], int(bt[j]))
             for bl in runners.values():
@@ -277,6 +299,15 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
         mm.train_events += b1 - b0
     wall = time.perf_counter() - t_all
     res = mm.result()
+    out: dict[str, Any] = {}
+    if slices is not None:
+        from .evaluation_content import content_pass
+
+        assert vectors is not None
+        out["content"] = content_pass(users, items, ts, ws, cfg, device, batch_size,
+                                      catalogue or [], vectors, slices, base_ranks,
+                                      content_alpha)
+        wall = time.perf_counter() - t_all
     return {
         "model": res,
         "baselines": {k: v.metrics.result() for k, v in runners.items()},
@@ -286,6 +317,7 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
         "batch_size": batch_size,
         "device": str(model.device),
         "wall_s": wall,
+        **out,
     }
 
 

@@ -126,7 +126,8 @@ def create_app(store: SnapshotStore, cfg: ServeSettings | None = None,
                            next(iter(offsets.values()), {}), current.version)
 
     watcher = SnapshotWatcher(store, cfg.poll_interval_ms / 1000.0, metrics,
-                              index_kind=cfg.index, nprobe=cfg.nprobe, on_swap=rebase)
+                              index_kind=cfg.index, nprobe=cfg.nprobe, on_swap=rebase,
+                              content_alpha=cfg.content_alpha)
     KParam = Annotated[int, Query(ge=1, le=cfg.max_k, description="number of items")]
 
     batcher = SearchBatcher(cfg.max_batch, cfg.search_threads)
@@ -183,7 +184,7 @@ def create_app(store: SnapshotStore, cfg: ServeSettings | None = None,
             raise HTTPException(404, f"unknown item {item_id!r}")
         hits = await asyncio.wrap_future(
             batcher.search(current.index, plan.query, k, plan.exclude))
-        return _json(current.answer_similar(item_id, hits))
+        return _json(current.answer_similar(item_id, hits, plan, k))
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
