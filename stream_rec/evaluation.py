@@ -19,60 +19,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
 from .model import ModelConfig, StreamingModel
-
-K = 10
-
-
-# --------------------------------------------------------------------- metrics
-class _Metrics:
-    """Accumulates HR@10, NDCG@10 and MRR over tested events."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.hits = 0.0
-        self.ndcg = 0.0
-        self.mrr = 0.0
-        self.train_s = 0.0
-        self.train_events = 0
-
-    def add(self, rank: int | None) -> None:
-        """``rank`` is 0-based among unseen candidates, ``None`` = not rankable (miss)."""
-        self.n += 1
-        if rank is None:
-            return
-        self.mrr += 1.0 / (rank + 1)
-        if rank < K:
-            self.hits += 1
-            self.ndcg += 1.0 / math.log2(rank + 2)
-
-    def result(self) -> dict[str, float]:
-        n = max(self.n, 1)
-        return {"hr@10": self.hits / n, "ndcg@10": self.ndcg / n, "mrr": self.mrr / n,
-                "events_per_s": self.train_events / self.train_s if self.train_s > 0 else 0.0}
-
-
-def _rank(scores: np.ndarray, target: int, excluded: Iterable[int]) -> int | None:
-    """0-based position of ``target`` in the served order (score desc, then row asc).
-
-    ``scores`` (I,) over candidate rows; rows in ``excluded`` (seen) are removed
-    and ``-inf`` rows are not candidates.
-    """
-    if target < 0 or target >= len(scores):
-        return None
-    s = scores.astype(np.float64, copy=True)
-    ex = np.fromiter(excluded, dtype=np.int64)
-    if len(ex):
-        s[ex] = -np.inf
-    st = s[target]
-    if not np.isfinite(st):
-        return None
-    return int((s > st).sum() + (s[:target] == st).sum())
+from .ranking import Metrics, model_rank, rank_of
 
 
 # ------------------------------------------------------------------- baselines
@@ -82,7 +34,7 @@ class _Baseline:
     def __init__(self) -> None:
         self.items: dict[str, int] = {}
         self.seen: dict[str, set[int]] = {}
-        self.metrics = _Metrics()
+        self.metrics = Metrics()
 
     def _item(self, item: str) -> int:
         row = self.items.get(item)
@@ -94,7 +46,7 @@ class _Baseline:
         target = self.items.get(item, -1)
         scores = self.scores(user, ts) if self.items else None
         self.metrics.add(None if scores is None or target < 0
-                         else _rank(scores, target, self.seen.get(user, ())))
+                         else rank_of(scores, target, self.seen.get(user, ())))
 
     def learn(self, user: str, item: str, ts: int, w: float) -> None:
         t0 = time.perf_counter()
@@ -268,7 +220,7 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
         "decayed_popularity": DecayedPopularityBaseline(cfg.pop_half_life_ms),
         "cooccurrence": CooccurrenceBaseline(cfg.history),
     }
-    mm = _Metrics()
+    mm = Metrics()
     test_s = 0.0
     t_all = time.perf_counter()
     for b0 in range(0, n, batch_size):
@@ -281,7 +233,7 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
             t0 = time.perf_counter()
             k = b0 + j
             if tested[k] or extra[k]:
-                rank = _model_rank(model, bu[j], bi[j])
+                rank = model_rank(model, bu[j], bi[j])
                 if slices is not None:
                     base_ranks[k] = rank
             if tested[k]:
@@ -319,20 +271,3 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
         "wall_s": wall,
         **out,
     }
-
-
-def _model_rank(model: StreamingModel, user: str, item: str) -> int | None:
-    """Rank of ``item`` in the model's answer for ``user`` (popular fallback for new users)."""
-    target = model.item_row(item)
-    if target is None:
-        return None
-    row = model.query_row(user)
-    live = model.live_items()
-    if row is None:
-        pop = model.fast.pop[: model.n_items]
-        scores = np.where(live & np.isfinite(pop), pop, -np.inf)
-        return _rank(scores, target, ())
-    user_scores = model.score_user(user)
-    assert user_scores is not None
-    scores = np.where(live, user_scores, -np.inf)
-    return _rank(scores, target, model.seen_rows(row))

@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from .evaluation import _Metrics, _model_rank, _rank
 from .model import ModelConfig, StreamingModel
 from .model.content import YOUNG_MAX_EVENTS, term_scores
+from .ranking import Metrics, model_rank, rank_of
 
 SLICES = ("overall", "cold", "first")
 
@@ -53,21 +53,21 @@ def content_slices(items: list[str], ts: np.ndarray, start: int, tested: np.ndar
 
 def content_ranks(model: StreamingModel, user: str, item: str,
                   alpha: float) -> tuple[int | None, int | None]:
-    """Rank of ``item`` for ``user`` without and with the content term (as ``_model_rank``)."""
+    """Rank of ``item`` for ``user`` without and with the content term (as ``model_rank``)."""
     target = model.item_row(item)
     row = model.query_row(user)
     if target is None or row is None:
-        rank = _model_rank(model, user, item)
+        rank = model_rank(model, user, item)
         return rank, rank
     scores = model.score_user(user)
     assert scores is not None
     base = np.where(model.live_items(), scores, -np.inf)
     seen = model.seen_rows(row)
-    plain = _rank(base, target, seen)
+    plain = rank_of(base, target, seen)
     term = term_scores(model, row) if alpha else None
     if term is None:
         return plain, plain
-    return plain, _rank(base + np.float32(alpha) * term, target, seen)
+    return plain, rank_of(base + np.float32(alpha) * term, target, seen)
 
 
 def content_pass(users: list[str], items: list[str], ts: np.ndarray, ws: np.ndarray,
@@ -82,7 +82,7 @@ def content_pass(users: list[str], items: list[str], ts: np.ndarray, ws: np.ndar
                     if str(c["item_id"]) in vectors)
     ann_ts = np.array([t for t, _ in listed], dtype=np.int64)
     ann_ids = [i for _, i in listed]
-    m = {s: {"with": _Metrics(), "no_term": _Metrics(), "without": _Metrics()} for s in SLICES}
+    m = {s: {"with": Metrics(), "no_term": Metrics(), "without": Metrics()} for s in SLICES}
     any_slice = slices["overall"] | slices["cold"] | slices["first"]
     nxt = 0
     test_s = 0.0

@@ -39,16 +39,6 @@ def test_model_far_above_popularity_on_planted_stream() -> None:
         assert 0 <= r["ndcg@10"] <= r["hr@10"] <= 1 and r["events_per_s"] > 0
 
 
-def test_rank_order_and_exclusion() -> None:
-    import numpy as np
-
-    s = np.array([0.5, 0.9, 0.9, 0.1])
-    assert evaluation._rank(s, 1, ()) == 0
-    assert evaluation._rank(s, 2, ()) == 1          # tie broken by row
-    assert evaluation._rank(s, 2, {1}) == 0         # seen removed
-    assert evaluation._rank(s, 9, ()) is None
-
-
 def test_cli_json_last_line(tmp_path, capsys) -> None:
     path = tmp_path / "ev.jsonl"
     events = list(itertools.islice(iter_synthetic(n_users=50, n_items=100), 1500))
