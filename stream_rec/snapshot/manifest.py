@@ -40,6 +40,9 @@ class Manifest:
     chain: int = 0  # deltas between ``base`` and this version (0 for a full one)
     format: int = FORMAT
     writer: str = ""  # who committed it (host:pid:token), for operators
+    # topic -> the id (KIP-516) of the incarnation its offsets refer to, where the broker
+    # reports one: a worker restarted after the topic was recreated must not trust them.
+    topic_ids: dict[str, str] = field(default_factory=dict)
 
     @property
     def data_file(self) -> str:
@@ -73,3 +76,4 @@ class Manifest:
             if not SAFE_NAME.match(name) or name in (".", ".."):
                 raise CorruptSnapshot(f"manifest names an unsafe path {name!r}")
         return manifest
+

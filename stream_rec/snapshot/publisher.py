@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from stream_rec.faults import failpoint
 from stream_rec.model import ModelState, StateDelta
@@ -37,6 +37,7 @@ class PublishJob:
     events: int
     state: ModelState | None = None  # a full version
     delta: StateDelta | None = None  # or the changed rows over the previous version
+    topic_ids: dict[str, str] = field(default_factory=dict)  # topic -> id its offsets are in
 
 
 @dataclass(frozen=True)
@@ -163,8 +164,9 @@ class Publisher:
             assert self.parent is not None
             return self.store.publish_delta(
                 job.delta, parent=self.parent, offsets=job.offsets, watermark=job.watermark,
-                events=job.events, version=version)
+                events=job.events, version=version, topic_ids=job.topic_ids)
         assert job.state is not None
         return self.store.publish(
             job.state, offsets=job.offsets, watermark=job.watermark,
-            parent=self.parent.version if self.parent else None, version=version)
+            parent=self.parent.version if self.parent else None, version=version,
+            topic_ids=job.topic_ids)

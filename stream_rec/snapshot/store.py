@@ -314,7 +314,8 @@ class SnapshotStore:
 
     def publish(self, state: ModelState, *, offsets: dict[str, dict[int, int]],
                 watermark: int | None, parent: int | None = None,
-                version: int | None = None) -> Manifest:
+                version: int | None = None,
+                topic_ids: dict[str, str] | None = None) -> Manifest:
         """Write ``state`` as a new full version and move ``LATEST`` to it.
 
         ``version`` defaults to :meth:`next_version`; raises :class:`Fenced`
@@ -333,12 +334,13 @@ class SnapshotStore:
         manifest = Manifest(
             version=version, parent=parent, kind="full", created_at=time.time(),
             offsets=offsets, watermark=watermark, counts=counts, config=dict(state.config),
-            base=version, chain=0)
+            base=version, chain=0, topic_ids=dict(topic_ids or {}))
         return self._commit_version(manifest, files)
 
     def publish_delta(self, delta: StateDelta, *, parent: Manifest,
                       offsets: dict[str, dict[int, int]], watermark: int | None,
-                      events: int | None = None, version: int | None = None) -> Manifest:
+                      events: int | None = None, version: int | None = None,
+                      topic_ids: dict[str, str] | None = None) -> Manifest:
         """Write the rows in ``delta`` as version ``parent + 1`` and move ``LATEST``.
 
         Raises :class:`Fenced` when another writer committed that version first.
@@ -362,7 +364,7 @@ class SnapshotStore:
             version=version, parent=parent.version, kind="delta", created_at=time.time(),
             offsets=offsets, watermark=watermark, counts=counts, config=dict(delta.config),
             base=parent.base if parent.base is not None else parent.version,
-            chain=parent.chain + 1)
+            chain=parent.chain + 1, topic_ids=dict(topic_ids or {}))
         return self._commit_version(manifest, files)
 
     def _commit_version(self, manifest: Manifest, parts: dict[str, bytes]) -> Manifest:

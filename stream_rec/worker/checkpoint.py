@@ -64,6 +64,7 @@ class Checkpoint:
         self.watermark: int | None = None   # newest event time (ms) among learned events
         self.events = 0                     # valid events in the model
         self.version: int | None = None     # newest durable version
+        self.topic_id: str | None = None    # the topic incarnation ``offsets`` refer to
         self.restored: Manifest | None = None
         self.durable_offsets: dict[int, int] | None = None  # set where no publisher runs
         self.dirty = False                  # learned anything since the last publish?
@@ -143,6 +144,7 @@ class Checkpoint:
 
     def _hold(self, m: Manifest) -> None:
         self.offsets = dict(m.offsets.get(self.topic, {}))
+        self.topic_id = m.topic_ids.get(self.topic)
         self.watermark = m.watermark
         self.version = m.version
         self.events = int(m.counts.get("events", 0))
@@ -213,7 +215,8 @@ class Checkpoint:
         self._changed_items.clear()
         side = self.side_offsets() if self.side_offsets is not None else {}
         job = PublishJob(offsets={**side, self.topic: dict(self.offsets)},
-                         watermark=self.watermark, events=self.events)
+                         watermark=self.watermark, events=self.events,
+                         topic_ids={self.topic: self.topic_id} if self.topic_id else {})
         total = model.n_users + model.n_items
         if self.policy.wants_full(self.publisher.parent, self.publisher.full_at,
                                   len(users) + len(items), total):

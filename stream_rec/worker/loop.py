@@ -78,6 +78,7 @@ class Worker:
         self._unpublished: list[Any] = []  # records applied since the last version submitted
         self.guard = TopicGuard(self.kafka, settings.worker.on_offset_out_of_range,
                                 held=lambda: self.checkpoint.offsets,
+                                held_topic_id=lambda: self.checkpoint.topic_id,
                                 reposition=self.checkpoint.reposition,
                                 on_wait=self.health.wait_for)
         self.source: GroupSource | BoundedSource = (
@@ -226,12 +227,14 @@ class Worker:
         partition resumes at the new topic's start (or end).
         """
         verdict = self.guard.confirm()
-        if verdict != "recreated":
-            return verdict == "same"
-        if self.guard.policy == "fail" or not self.source.resets_on_recreation:
-            self.guard.recreated(held=self.checkpoint.published_offsets(), policy="fail")
-        self.rewind_to_published()
-        self.source.seek(self.guard.recreated())
+        if verdict == "recreated":
+            if self.guard.policy == "fail" or not self.source.resets_on_recreation:
+                self.guard.recreated(held=self.checkpoint.published_offsets(), policy="fail")
+            self.rewind_to_published()
+            self.source.seek(self.guard.recreated())
+        elif verdict != "same":
+            return False
+        self.checkpoint.topic_id = self.guard.topic_id()  # what the next version records
         return True
 
     def publish(self, dlq: DeadLetterWriter) -> None:

@@ -83,8 +83,9 @@ class PipelineWorker(Worker):
         self._proc.start()
         dlq: DeadLetterWriter | None = None
         try:
-            _, version, offsets = self._expect("restored")
+            _, version, offsets, topic_id = self._expect("restored")
             self.checkpoint.offsets = dict(offsets)
+            self.checkpoint.topic_id = topic_id
             self.checkpoint.durable_offsets = dict(offsets)
             self.checkpoint.version = version
             if self.stop_requested.is_set():
@@ -100,7 +101,7 @@ class PipelineWorker(Worker):
             self._loop(dlq)
             self._messages(dlq)
             if self.confirm_topic():
-                self._ring.send(("confirmed",))
+                self._ring.send(("confirmed", self.checkpoint.topic_id))
             return self._stop_trainer(dlq)
         finally:
             self.source.close()
@@ -131,7 +132,7 @@ class PipelineWorker(Worker):
                 last_confirm = time.monotonic()
                 self._messages(dlq)  # the newest durable offsets, should the topic be new
                 if self.confirm_topic():
-                    self._ring.send(("confirmed",))
+                    self._ring.send(("confirmed", self.checkpoint.topic_id))
 
     def _stop_trainer(self, dlq: DeadLetterWriter | None = None) -> int:
         """Ask the trainer to drain the ring, publish and stop; commit what it made durable."""

@@ -18,11 +18,10 @@ then serve the new topic's records from the old offset on. So the worker:
   (:meth:`TopicGuard.confirm`): a new id means the topic was recreated under
   the worker, so nothing read since the last version may be published.
 
-Limit: the snapshot records offsets, not the topic id, so a worker that starts
-after the topic was recreated *and* refilled beyond the snapshot's offsets on
-every partition sees offsets that look valid. The live check above catches a
-recreation while a worker runs; a restart after it still fails on every
-partition the new topic has not refilled that far.
+Each version records the topic id beside its offsets, so a worker restarted
+after the topic was recreated (even refilled beyond the version's offsets)
+treats it as recreated at its first assignment. Versions written before topic
+ids were recorded, and brokers without ids, fall back to the offset checks.
 """
 
 from __future__ import annotations
@@ -165,11 +164,14 @@ class TopicGuard:
     ``held`` returns the offsets of the state the worker holds; ``reposition``
     replaces them when a partition resumes elsewhere (an operator-chosen
     reset), so the next version records where reading really resumed.
+    ``held_topic_id`` is the topic id those offsets were read from, as the
+    restored version recorded it (None: not recorded).
     ``on_wait`` hears why the worker waits (None once it no longer does).
     """
 
     def __init__(self, kafka: KafkaSettings, policy: Policy, held: Callable[[], Offsets],
                  reposition: Callable[[Offsets], None],
+                 held_topic_id: Callable[[], str | None] = lambda: None,
                  on_wait: Callable[[str | None], None] = lambda _reason: None,
                  ranges: Callable[[KafkaSettings, str, Iterable[int], Offsets], Ranges]
                  = log_ranges) -> None:
@@ -177,6 +179,7 @@ class TopicGuard:
         self.topic = kafka.topic
         self.policy = policy
         self.held = held
+        self.held_topic_id = held_topic_id
         self.reposition = reposition
         self.on_wait = on_wait
         self.ranges = ranges
@@ -215,7 +218,7 @@ class TopicGuard:
                     log.info("topic %s exists now (waited %.0f s)", self.topic,
                              time.monotonic() - t0)
                 self.on_wait(None)
-                self.known = info
+                self.known = self._first_sight(info)
                 return True
             self._waiting(time.monotonic() - t0, "does not exist yet")
             if stop.wait(0.5):
@@ -226,8 +229,21 @@ class TopicGuard:
         info = self.describe()
         if info is None:
             raise Fatal(f"topic {self.topic} does not exist")
-        self.known = info
+        self.known = self._first_sight(info)
         return info
+
+    def _first_sight(self, info: TopicInfo) -> TopicInfo:
+        """The incarnation the held offsets refer to: the restored version's, where it
+        recorded one, so that a topic recreated while no worker ran is seen as such at
+        the first assignment (its offsets may look valid if the new topic was refilled)."""
+        held_id = self.held_topic_id()
+        if held_id is not None and info.topic_id is not None and held_id != info.topic_id:
+            return TopicInfo(held_id, info.partitions)
+        return info
+
+    def topic_id(self) -> str | None:
+        """The id of the incarnation being read (None: unknown, or the broker has none)."""
+        return self.known.topic_id if self.known is not None else None
 
     def confirm(self) -> Literal["same", "missing", "unknown", "recreated"]:
         """Is the topic still the incarnation the held offsets refer to?

@@ -9,11 +9,11 @@ reads the catalogue here (:class:`~stream_rec.worker.catalogue.Catalogue`,
 its own consumer and dead-letter producer), since the vectors it announces
 and the offsets versions record for it are this process's.
 
-Messages to the consumer (``out`` queue): ``("restored", version, offsets)``,
+Messages to the consumer (``out`` queue): ``("restored", version, offsets, topic_id)``,
 ``("durable", version, offsets, counts, seconds)``, ``("rewound", generation,
 offsets)``, ``("poisoned", since, upto, why)`` -- dead-letter those offsets --
 ``("stopped", version, offsets)``, ``("error", text)``. Control messages on
-the ring, in order with the batches: ``("rewind", generation)``, ``("confirmed",)``
+the ring, in order with the batches: ``("rewind", generation)``, ``("confirmed", topic_id)``
 (the topic is still the one the batches came from), ``("reposition", offsets)``,
 ``("letters",)`` (the poisoned range is dead-lettered), ``("stop",)``.
 
@@ -141,7 +141,8 @@ class Trainer:
 
         torch.set_num_threads(threads)
         self.model = self.checkpoint.restore(self.settings.model, self.wcfg.device)
-        self.out.put(("restored", self.checkpoint.version, dict(self.checkpoint.offsets)))
+        self.out.put(("restored", self.checkpoint.version, dict(self.checkpoint.offsets),
+                      self.checkpoint.topic_id))
         publisher = self.checkpoint.start_publisher()
         if self.model.cfg.content_dim:
             self.catalogue = Catalogue(self.settings)
@@ -184,9 +185,10 @@ class Trainer:
         if kind == "stop":
             return True
         if kind == "confirmed":
-            # Every batch applied so far came from the topic the offsets refer to:
-            # a point where a version may be published.
+            # Every batch applied so far came from the topic the offsets refer to
+            # (msg[1]: its id): a point where a version may be published.
             self.unconfirmed = 0
+            self.checkpoint.topic_id = msg[1]
             due = time.monotonic() - self.last_publish >= self.wcfg.publish_interval_ms / 1000.0
             publisher = self.checkpoint.publisher
             if due and publisher is not None and not publisher.busy() and self._may_publish():

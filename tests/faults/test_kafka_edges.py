@@ -7,7 +7,8 @@ offsets again, and the local broker then serves the new topic's records from
 the worker's old positions without any error: by default the worker must stop
 with one line naming the topic, the partition and both offsets, having
 published nothing it read from the new topic; a restart must fail the same
-way rather than skip; and with ``worker.on_offset_out_of_range = "earliest"``
+way rather than skip, even once the new topic holds more than the old on every
+partition (the version records the topic id); and with ``worker.on_offset_out_of_range = "earliest"``
 the new topic is read from its start and every event, old topic and new, is
 applied exactly once.
 """
@@ -107,16 +108,20 @@ def test_a_topic_recreated_under_the_worker_stops_it_loudly_and_a_restart_too(
     assert published_offsets_of(store, kafka_cfg.topic) == before
     assert_exactly_once(store, acked)
 
-    # A restart knows no topic id from before: partitions 1-3 are past the new log's end.
+    # Refill every other partition past the worker's old position as well: offsets alone now
+    # look valid everywhere, and only the topic id the version recorded tells the topics apart.
+    refills = {p: before[p] + 25 for p in range(1, PARTITIONS)}
+    for p, n in refills.items():
+        send_acked(kafka_cfg, _events(n, seed=10 + p), partition=p)
     log2 = tmp_path / "restart.log"
     restart = spawn(["worker"], env, log2)
     assert _exit_code(restart, 60) == 1
     line = _error_line(log2)
-    assert f"topic {kafka_cfg.topic}: the snapshot's offsets are outside the log (past the end" \
-        in line
-    for p in range(1, PARTITIONS):
-        assert (f"partition {p} resumes at offset {before[p]} past the log end 0 "
-                "(the log is empty at 0)") in line
+    assert f"topic {kafka_cfg.topic} was deleted and recreated" in line
+    assert f"partition 0 was at offset {before[0]}, the log holds 0..{refill - 1} now" in line
+    for p, n in refills.items():
+        assert f"partition {p} was at offset {before[p]}, the log holds 0..{n - 1} now" in line
+    assert published_offsets_of(store, kafka_cfg.topic) == before
     assert_exactly_once(store, acked)
 
 

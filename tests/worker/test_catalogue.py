@@ -157,7 +157,9 @@ def test_a_slow_featurizer_never_holds_up_training(kafka_cfg: KafkaSettings, tmp
           f"a featurizer that sleeps 3 s per batch: {slow_learn:.2f} s and {slow_lag:.2f} s "
           f"({announced} of {N_ITEMS - 64} items announced by then)")
     assert announced < N_ITEMS - 64     # every click was learned while items still waited
-    assert slow_learn < 1.5 * learn + 0.5 and slow_lag < 1.5 * lag + 0.5, took
+    # Waiting for the featurizer would cost 3 s a batch; the margin is for a loaded machine
+    # (the figures of a quiet one are in docs/CONTENT.md).
+    assert slow_learn < 2 * learn + 1.0 and slow_lag < 2 * lag + 1.0, took
 
 
 def test_waiting_items_are_read_again_after_a_restart(kafka_cfg: KafkaSettings, tmp_path: Path,
