@@ -184,7 +184,8 @@ class Workspace:
 
 def prepare_chunk(cfg: ModelConfig, events: Events, replay: ReplayRing, seen: SeenLists,
                   pop: np.ndarray, n_users: int, step: int, plan: Plan | None = None,
-                  ws: Workspace | None = None) -> PreparedChunk:
+                  ws: Workspace | None = None, salt: tuple[int, ...] = (),
+                  replay_per_step: int | None = None) -> PreparedChunk:
     """Host part of a chunk's ``cfg.steps`` gradient steps; independent of the parameters.
 
     Call it when the chunk closes -- after the fast path has applied exactly the
@@ -195,16 +196,18 @@ def prepare_chunk(cfg: ModelConfig, events: Events, replay: ReplayRing, seen: Se
     never touches the parameters or the device, so it may run on another
     thread while the device trains earlier chunks; the result is plain numpy,
     picklable, and valid whatever the tables' capacity when it is run. Draws
-    are seeded by ``(seed, 2, step)``, so a replay of the stream draws the
-    same negatives.
+    are seeded by ``(seed, 2, step, *salt)``, so a replay of the stream draws the
+    same negatives (a gang's rank salts them with its rank). ``replay_per_step``
+    overrides the configuration's (a gang's rank draws its share).
     """
     plan = plan or Plan()
     ws = ws or Workspace()
-    rng = np.random.default_rng([cfg.seed, 2, step])
+    rng = np.random.default_rng([cfg.seed, 2, step, *salt])
+    draws = cfg.replay_per_step if replay_per_step is None else replay_per_step
     out: list[StepBatch] = []
     for _ in range(cfg.steps):
         batch = events
-        k = min(cfg.replay_per_step, replay.size)
+        k = min(draws, replay.size)
         if k > 0:
             batch = batch.concat(replay.draw(rng, k))
         out.append(prepare_step(cfg, batch, rng, seen, pop, n_users, plan, ws))
@@ -239,8 +242,12 @@ def prepare_step(cfg: ModelConfig, ev: Events, rng: np.random.Generator,
     pairs = seen_pairs(seen, uu) if c.mask_seen else None
 
     size = plan.size
+    # torch's sampled_addmm refuses a CSR pattern with more stored entries (n * H) than
+    # its dense shape (n * t): a step with fewer than H distinct rows (a tiny chunk, a
+    # gang rank's small share of one) pads its rows to at least H
+    t_rows = max(len(rows1), H) if plan.csr else len(rows1)
     shape = StepShape(n=size(n_ev), h=H, q=size(len(uu)), c=size(len(cand)),
-                      t=size(len(rows1)), k=size(len(shared)) if shared is not None else 0,
+                      t=size(t_rows), k=size(len(shared)) if shared is not None else 0,
                       s=size(len(pairs[0])) if pairs is not None else 0, csr=plan.csr)
     lay = layout(shape, c)
     buf = np.zeros(lay["total"][1], dtype=np.int64)
