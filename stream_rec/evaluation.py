@@ -229,13 +229,14 @@ def _to_arrays(events: Any) -> tuple[list[str], list[str], np.ndarray, np.ndarra
 # ------------------------------------------------------------------------- run
 def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: int = 0,
              batch_size: int = 1000, model_cfg: ModelConfig | None = None,
-             device: str = "auto", baselines: bool = True) -> dict[str, Any]:
+             device: str = "auto", baselines: bool = True, ranks: int = 1) -> dict[str, Any]:
     """Prequential evaluation; returns the JSON result described in the module docstring.
 
     ``events``: iterable of event dicts (``user_id``, ``item_id``, ``ts`` ms,
     optional ``weight``) or the structured array of :func:`datasets.load_ml100k`.
     ``baselines=False`` runs the model alone (for ablations). The tested sample is every ``sample_every``-th event after warm-up, starting
-    at offset ``seed % sample_every``.
+    at offset ``seed % sample_every``. ``ranks`` > 1 trains the model as a gang
+    of that many ranks would (:func:`run_gang_model`).
     """
     cfg = model_cfg or ModelConfig()
     users, items, ts, ws = _to_arrays(events)
@@ -244,6 +245,9 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
     tested = np.zeros(n, dtype=bool)
     if sample_every > 0 and start < n:
         tested[start + (seed % sample_every)::sample_every] = True
+    if ranks > 1:
+        return _run_gang_eval(users, items, ts, ws, tested, batch_size, cfg, device, baselines,
+                              ranks)
     model = StreamingModel(cfg, device=device)
     with_baselines = baselines
     runners: dict[str, _Baseline] = {} if not with_baselines else {
@@ -286,6 +290,96 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
         "batch_size": batch_size,
         "device": str(model.device),
         "wall_s": wall,
+    }
+
+
+def _run_baselines(users: list[str], items: list[str], ts: np.ndarray, ws: np.ndarray,
+                   tested: np.ndarray, cfg: ModelConfig) -> dict[str, dict[str, float]]:
+    """The baselines alone, test-then-learn event by event (what the model's run interleaves)."""
+    runners: dict[str, _Baseline] = {
+        "popularity": PopularityBaseline(),
+        "decayed_popularity": DecayedPopularityBaseline(cfg.pop_half_life_ms),
+        "cooccurrence": CooccurrenceBaseline(cfg.history),
+    }
+    for j in range(len(users)):
+        for bl in runners.values():
+            if tested[j]:
+                bl.test(users[j], items[j], int(ts[j]))
+            bl.learn(users[j], items[j], int(ts[j]), float(ws[j]))
+    return {k: v.metrics.result() for k, v in runners.items()}
+
+
+def run_gang_model(users: list[str], items: list[str], ts: np.ndarray, ws: np.ndarray,
+                   tested: np.ndarray, batch_size: int, cfg: ModelConfig, device: str,
+                   ranks: int) -> tuple[_Metrics, str]:
+    """The model trained by a gang of ``ranks`` ranks (threads of this process), tested
+    prequentially on each event's owner; returns the summed metrics and the device.
+
+    Users are spread over ranks as Kafka spreads them over partitions (a hash of
+    the user id; one partition per rank here). Each batch of ``batch_size``
+    events of the stream is one round: every rank learns its users' events of
+    the batch, in stream order, with the gang's step semantics
+    (:mod:`stream_rec.model.gang`). Every event is tested on its owner, before
+    its user side is applied, against the embeddings of the last chunk's end.
+    """
+    from .model.exchange import ThreadExchange
+    from .model.gang import GangModel
+    from .model.ids import id_hash
+
+    owner = np.array([id_hash(u) % ranks for u in users], dtype=np.int64)
+    n = len(users)
+
+    def body(ex: ThreadExchange) -> tuple[_Metrics, str]:
+        model = GangModel(cfg, device=device, exchange=ex)
+        mm = _Metrics()
+        for b0 in range(0, n, batch_size):
+            idx = np.flatnonzero(owner[b0:b0 + batch_size] == ex.rank) + b0
+            bu, bi = [users[j] for j in idx], [items[j] for j in idx]
+            test_s = 0.0
+
+            def before(j: int, idx: np.ndarray = idx, bu: list[str] = bu,
+                       bi: list[str] = bi) -> None:
+                nonlocal test_s
+                if tested[idx[j]]:
+                    t0 = time.perf_counter()
+                    mm.add(_model_rank(model, bu[j], bi[j]))
+                    test_s += time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            model.learn_round(bu, bi, ts[idx], ws[idx], partitions=owner[idx],
+                              before_event=before)
+            mm.train_s += time.perf_counter() - t0 - test_s
+            mm.train_events += len(idx)
+        return mm, str(model.device)
+
+    per_rank = ThreadExchange.run(ranks, body)
+    total = _Metrics()
+    for mm, _ in per_rank:
+        total.n += mm.n
+        total.hits += mm.hits
+        total.ndcg += mm.ndcg
+        total.mrr += mm.mrr
+        total.train_events += mm.train_events
+        total.train_s = max(total.train_s, mm.train_s)  # the ranks run side by side
+    return total, per_rank[0][1]
+
+
+def _run_gang_eval(users: list[str], items: list[str], ts: np.ndarray, ws: np.ndarray,
+                   tested: np.ndarray, batch_size: int, cfg: ModelConfig, device: str,
+                   baselines: bool, ranks: int) -> dict[str, Any]:
+    t_all = time.perf_counter()
+    mm, dev = run_gang_model(users, items, ts, ws, tested, batch_size, cfg, device, ranks)
+    res = mm.result()
+    return {
+        "model": res,
+        "baselines": _run_baselines(users, items, ts, ws, tested, cfg) if baselines else {},
+        "events_per_s": res["events_per_s"],
+        "n_events": len(users),
+        "n_tested": mm.n,
+        "batch_size": batch_size,
+        "ranks": ranks,
+        "device": dev,
+        "wall_s": time.perf_counter() - t_all,
     }
 
 

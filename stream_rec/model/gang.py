@@ -37,11 +37,13 @@ replay ring, owned user rows, the replica checksum) is :mod:`.gang_state`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from . import kernels
 from .buffers import Events, ReplayRing
@@ -52,7 +54,7 @@ from .gang_step import exchange_step
 from .state import Changed
 from .step import apply_user_grads, step_grads
 from .streaming import StreamingModel
-from .train import prepare_chunk
+from .train import draw_negatives, prepare_step
 
 
 def share(total: int, rank: int, world: int) -> int:
@@ -102,6 +104,8 @@ class GangModel(StreamingModel):
         self.fast._grow_users_hook = lambda cap: (grow_params(cap), self._grow_owner(cap))
         self.salt = (self.rank,) if self.world > 1 else ()
         self.draws = share(c.replay_per_step, self.rank, self.world)
+        self.negatives = c.negatives if not self.world > 1 or c.inbatch_negatives \
+            else share(c.negatives, self.rank, self.world)
         self.stats = {"rounds": 0, "chunks": 0, "steps": 0, "prepare_s": 0.0, "step_s": 0.0}
 
     def _grow_owner(self, cap: int) -> None:
@@ -278,33 +282,57 @@ class GangModel(StreamingModel):
             ch_i.append(np.arange(self.n_items, dtype=np.int64))
 
     def _train(self, events: Events) -> tuple[np.ndarray, np.ndarray]:
-        """The gang's steps on this rank's events of the chunk; (users, items) changed."""
-        import time
+        """The gang's steps on this rank's events of the chunk; (users, items) changed.
 
-        t0 = time.perf_counter()
+        Each step: this rank draws its share of the replayed events and of the
+        uniform negatives from ``(seed, 2, step, rank)``; the ranks exchange
+        their steps' targets and negatives, and every rank scores its events
+        against all of them -- the candidates one worker would score its whole
+        chunk against; then the gradients are exchanged
+        (:func:`~.gang_step.exchange_step`). Draws follow
+        :func:`~.train.prepare_chunk`'s order, so a gang of one prepares exactly
+        the single worker's steps. (With ``inbatch_negatives`` > 0 each rank
+        keeps its own candidates.)
+        """
+        cfg, p, ex = self.cfg, self.params, self.exchange
         trainer = self.trainer
-        steps = []
-        if len(events):
-            steps = prepare_chunk(self.cfg, events, self.replay, self.fast.seen,
-                                  self.fast.pop[:self.n_items], self.n_users, self.step,
-                                  trainer.plan, trainer.ws, salt=self.salt,
-                                  replay_per_step=self.draws).steps
-        t1 = time.perf_counter()
-        users = [b.users for b in steps]
+        rng = np.random.default_rng([cfg.seed, 2, self.step, *self.salt])
+        pop = self.fast.pop[:self.n_items]
+        users: list[np.ndarray] = []
         items: list[np.ndarray] = []
-        p = self.params
-        for s in range(self.cfg.steps):
+        empty = np.zeros(0, dtype=np.int64)
+        pooled = self.world > 1 and cfg.inbatch_negatives == 0
+        for _ in range(cfg.steps):
+            t0 = time.perf_counter()
+            batch, neg = None, empty
+            if len(events):
+                batch = events
+                k = min(self.draws, self.replay.size)
+                if k > 0:
+                    batch = batch.concat(self.replay.draw(rng, k))
+                neg = draw_negatives(rng, pop, self.negatives)
+            extra = None
+            if pooled:
+                mine = np.unique(np.concatenate([batch.item, neg])) if batch is not None \
+                    else empty
+                theirs = [t.cpu().numpy().view(np.int64) for t in ex.all_gather_bytes(
+                    torch.from_numpy(np.ascontiguousarray(mine).view(np.uint8)).to(p.device))]
+                extra = np.unique(np.concatenate(theirs))
             g = None
-            if steps:
-                g = step_grads(p, self.cfg, steps[s].shape, p.to_device(steps[s].buf))
-                apply_user_grads(p, self.cfg, g)
-            applied = exchange_step(self.exchange, p, self.cfg, g)
+            if batch is not None:
+                b = prepare_step(cfg, batch, rng, self.fast.seen, pop, self.n_users,
+                                 trainer.plan, trainer.ws, neg=neg, extra_cand=extra)
+                users.append(b.users)
+                t1 = time.perf_counter()
+                self.stats["prepare_s"] += t1 - t0
+                g = step_grads(p, cfg, b.shape, p.to_device(b.buf))
+                apply_user_grads(p, cfg, g)
+                t0 = t1
+            applied = exchange_step(ex, p, cfg, g)
             if applied is not None:
                 items += [applied.rows.cpu().numpy() - 1, applied.cand.cpu().numpy() - 1]
-        self.stats["prepare_s"] += t1 - t0
-        self.stats["step_s"] += time.perf_counter() - t1
-        self.stats["steps"] += self.cfg.steps
-        empty = np.zeros(0, dtype=np.int64)
+            self.stats["step_s"] += time.perf_counter() - t0
+            self.stats["steps"] += 1
         return (np.concatenate(users) if users else empty,
                 np.concatenate(items) if items else empty)
 

@@ -215,20 +215,32 @@ def prepare_chunk(cfg: ModelConfig, events: Events, replay: ReplayRing, seen: Se
                          items=np.concatenate([b.items for b in out]))
 
 
+def draw_negatives(rng: np.random.Generator, pop: np.ndarray, n: int) -> np.ndarray:
+    """``n`` uniform draws among the live item rows (rows of ``pop`` (I,) that held an item)."""
+    neg = rng.integers(0, len(pop), size=n) if n else np.zeros(0, dtype=np.int64)
+    return neg[np.isfinite(pop[neg])] if len(neg) else neg
+
+
 def prepare_step(cfg: ModelConfig, ev: Events, rng: np.random.Generator,
                  seen: SeenLists, pop: np.ndarray, n_users: int,
-                 plan: Plan, ws: Workspace) -> StepBatch:
-    """Negatives, candidates, inverse indices, seen pairs and prior of one step, packed."""
+                 plan: Plan, ws: Workspace, neg: np.ndarray | None = None,
+                 extra_cand: np.ndarray | None = None) -> StepBatch:
+    """Negatives, candidates, inverse indices, seen pairs and prior of one step, packed.
+
+    ``neg``: the step's uniform negatives, already drawn (else drawn here, as
+    :func:`draw_negatives`). ``extra_cand``: more candidate item rows (a gang's
+    rank: the other ranks' targets and negatives of the step, so that every
+    event is scored against the whole gang's candidates).
+    """
     c = cfg
     live_items = len(pop)
     n_ev, H = ev.hist.shape
-    neg = rng.integers(0, live_items, size=c.negatives) if c.negatives else \
-        np.zeros(0, dtype=np.int64)
-    if len(neg):
-        neg = neg[np.isfinite(pop[neg])]
+    if neg is None:
+        neg = draw_negatives(rng, pop, c.negatives)
     if c.inbatch_negatives > 0:
         neg = np.concatenate([rng.choice(ev.item, size=c.inbatch_negatives), neg])
-    cand, label = ws.unique_inverse(np.concatenate([ev.item, neg]), live_items)
+    pool = [ev.item, neg] if extra_cand is None else [ev.item, neg, extra_cand]
+    cand, label = ws.unique_inverse(np.concatenate(pool), live_items)
     label = label[:n_ev]
     uu, u_inv = ws.unique_inverse(ev.user, n_users)
     hist = ev.hist.reshape(-1)

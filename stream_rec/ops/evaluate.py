@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stream_rec.ops.common import add_plain_command, settings_for
+from stream_rec.ops.common import UsageError, add_plain_command, settings_for
 
 EXAMPLE = "stream-rec eval --dataset ml-100k --json"
 
@@ -25,7 +25,8 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{name:<20} {r['hr@10']:>8.4f} {r['ndcg@10']:>8.4f} {r['mrr']:>8.4f} "
                      f"{r['events_per_s']:>12,.0f}")
     lines.append(f"events={result['n_events']} tested={result['n_tested']} "
-                 f"batch={result['batch_size']} device={result['device']} "
+                 f"batch={result['batch_size']} ranks={result.get('ranks', 1)} "
+                 f"device={result['device']} "
                  f"wall={result['wall_s']:.1f}s")
     return "\n".join(lines)
 
@@ -42,10 +43,13 @@ def load_events(dataset: str) -> Any:
 def cmd_eval(args: argparse.Namespace) -> int:
     from stream_rec.evaluation import run_eval
 
+    if args.ranks < 1:
+        raise UsageError("--ranks: at least 1")
     cfg = settings_for(args).model
     result = run_eval(load_events(args.dataset), warmup=args.warmup,
                       sample_every=args.sample_every, seed=args.seed,
-                      batch_size=args.batch_size, model_cfg=cfg, device=args.device)
+                      batch_size=args.batch_size, model_cfg=cfg, device=args.device,
+                      ranks=args.ranks)
     print(format_table(result), flush=True)
     if args.json:
         print(json.dumps(result), flush=True)
@@ -62,4 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="offset of the tested sample")
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--ranks", type=int, default=1,
+                   help="train as a gang of W ranks would (stream-rec worker --procs W), "
+                        "simulated in this process")
     p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
