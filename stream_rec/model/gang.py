@@ -106,7 +106,10 @@ class GangModel(StreamingModel):
         self.draws = share(c.replay_per_step, self.rank, self.world)
         self.negatives = c.negatives if not self.world > 1 or c.inbatch_negatives \
             else share(c.negatives, self.rank, self.world)
-        self.stats = {"rounds": 0, "chunks": 0, "steps": 0, "prepare_s": 0.0, "step_s": 0.0}
+        # rounds, chunks and steps so far; seconds of the steps (all of it), of preparing
+        # them and of their exchanges (inside the steps)
+        self.stats = {"rounds": 0, "chunks": 0, "steps": 0, "step_s": 0.0, "prepare_s": 0.0,
+                      "step_exchange_s": 0.0}
 
     def _grow_owner(self, cap: int) -> None:
         out = np.full(cap, -1, dtype=np.int32)
@@ -303,7 +306,7 @@ class GangModel(StreamingModel):
         empty = np.zeros(0, dtype=np.int64)
         pooled = self.world > 1 and cfg.inbatch_negatives == 0
         for _ in range(cfg.steps):
-            t0 = time.perf_counter()
+            t0, x0 = time.perf_counter(), ex.seconds
             batch, neg = None, empty
             if len(events):
                 batch = events
@@ -320,18 +323,18 @@ class GangModel(StreamingModel):
                 extra = np.unique(np.concatenate(theirs))
             g = None
             if batch is not None:
+                t1 = time.perf_counter()
                 b = prepare_step(cfg, batch, rng, self.fast.seen, pop, self.n_users,
                                  trainer.plan, trainer.ws, neg=neg, extra_cand=extra)
+                self.stats["prepare_s"] += time.perf_counter() - t1
                 users.append(b.users)
-                t1 = time.perf_counter()
-                self.stats["prepare_s"] += t1 - t0
                 g = step_grads(p, cfg, b.shape, p.to_device(b.buf))
                 apply_user_grads(p, cfg, g)
-                t0 = t1
             applied = exchange_step(ex, p, cfg, g)
             if applied is not None:
                 items += [applied.rows.cpu().numpy() - 1, applied.cand.cpu().numpy() - 1]
             self.stats["step_s"] += time.perf_counter() - t0
+            self.stats["step_exchange_s"] += ex.seconds - x0
             self.stats["steps"] += 1
         return (np.concatenate(users) if users else empty,
                 np.concatenate(items) if items else empty)
