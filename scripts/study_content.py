@@ -61,9 +61,9 @@ sys.path.insert(0, str(ROOT))
 
 from stream_rec import datasets
 from stream_rec.content import EmbeddingCache, Featurizer, SentenceEncoder
-from stream_rec.evaluation import _Metrics, _model_rank, _rank
 from stream_rec.model import ModelConfig, StreamingModel
 from stream_rec.model import streaming as streaming_mod
+from stream_rec.ranking import Metrics, model_rank, rank_of
 
 _ADAGRAD_ROWS = streaming_mod._adagrad_rows
 YOUNG_MAX_EVENTS = 9
@@ -239,16 +239,16 @@ class ContentModel(StreamingModel):
 
 # --------------------------------------------------------------------- evaluation
 def _ranks(model: StreamingModel, user: str, item: str, alphas: list[float]) -> list[int | None]:
-    """Rank of ``item`` for ``user`` with the content term at each alpha (as _model_rank)."""
+    """Rank of ``item`` for ``user`` with the content term at each alpha (as model_rank)."""
     term = model.content_term(user) if isinstance(model, ContentModel) else None
     target = model.item_row(item)
     if term is None or target is None:
-        return [_model_rank(model, user, item)] * len(alphas)
+        return [model_rank(model, user, item)] * len(alphas)
     scores = model.score_user(user)
     assert scores is not None
     live = model.live_items()
     seen = model.seen_rows(model.user_row(user))  # type: ignore[arg-type]
-    return [_rank(np.where(live, scores + a * term, -np.inf), target, seen) for a in alphas]
+    return [rank_of(np.where(live, scores + a * term, -np.inf), target, seen) for a in alphas]
 
 
 def run(variant: str, seed: int, announce: bool, alphas: list[float],
@@ -272,7 +272,7 @@ def run(variant: str, seed: int, announce: bool, alphas: list[float],
               "first": after & (prior == 0)}
     slices["overall"][start + seed % 25::25] = True
     tested = slices["overall"] | slices["cold"] | slices["first"]
-    metrics = {a: {k: _Metrics() for k in slices} for a in alphas}
+    metrics = {a: {k: Metrics() for k in slices} for a in alphas}
     ann_ts = np.array([c["ts"] for c in catalogue], dtype=np.int64)
     ann_id = [str(c["item_id"]) for c in catalogue]
     nxt = 0

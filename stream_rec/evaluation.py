@@ -19,60 +19,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
 from .model import ModelConfig, StreamingModel
-
-K = 10
-
-
-# --------------------------------------------------------------------- metrics
-class _Metrics:
-    """Accumulates HR@10, NDCG@10 and MRR over tested events."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.hits = 0.0
-        self.ndcg = 0.0
-        self.mrr = 0.0
-        self.train_s = 0.0
-        self.train_events = 0
-
-    def add(self, rank: int | None) -> None:
-        """``rank`` is 0-based among unseen candidates, ``None`` = not rankable (miss)."""
-        self.n += 1
-        if rank is None:
-            return
-        self.mrr += 1.0 / (rank + 1)
-        if rank < K:
-            self.hits += 1
-            self.ndcg += 1.0 / math.log2(rank + 2)
-
-    def result(self) -> dict[str, float]:
-        n = max(self.n, 1)
-        return {"hr@10": self.hits / n, "ndcg@10": self.ndcg / n, "mrr": self.mrr / n,
-                "events_per_s": self.train_events / self.train_s if self.train_s > 0 else 0.0}
-
-
-def _rank(scores: np.ndarray, target: int, excluded: Iterable[int]) -> int | None:
-    """0-based position of ``target`` in the served order (score desc, then row asc).
-
-    ``scores`` (I,) over candidate rows; rows in ``excluded`` (seen) are removed
-    and ``-inf`` rows are not candidates.
-    """
-    if target < 0 or target >= len(scores):
-        return None
-    s = scores.astype(np.float64, copy=True)
-    ex = np.fromiter(excluded, dtype=np.int64)
-    if len(ex):
-        s[ex] = -np.inf
-    st = s[target]
-    if not np.isfinite(st):
-        return None
-    return int((s > st).sum() + (s[:target] == st).sum())
+from .ranking import Metrics, model_rank, rank_of
 
 
 # ------------------------------------------------------------------- baselines
@@ -82,7 +34,7 @@ class _Baseline:
     def __init__(self) -> None:
         self.items: dict[str, int] = {}
         self.seen: dict[str, set[int]] = {}
-        self.metrics = _Metrics()
+        self.metrics = Metrics()
 
     def _item(self, item: str) -> int:
         row = self.items.get(item)
@@ -94,7 +46,7 @@ class _Baseline:
         target = self.items.get(item, -1)
         scores = self.scores(user, ts) if self.items else None
         self.metrics.add(None if scores is None or target < 0
-                         else _rank(scores, target, self.seen.get(user, ())))
+                         else rank_of(scores, target, self.seen.get(user, ())))
 
     def learn(self, user: str, item: str, ts: int, w: float) -> None:
         t0 = time.perf_counter()
@@ -229,14 +181,26 @@ def _to_arrays(events: Any) -> tuple[list[str], list[str], np.ndarray, np.ndarra
 # ------------------------------------------------------------------------- run
 def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: int = 0,
              batch_size: int = 1000, model_cfg: ModelConfig | None = None,
-             device: str = "auto", baselines: bool = True, ranks: int = 1) -> dict[str, Any]:
+             device: str = "auto", baselines: bool = True,
+             catalogue: list[dict[str, Any]] | None = None,
+             vectors: dict[str, np.ndarray] | None = None,
+             content_alpha: float = 1.5, ranks: int = 1) -> dict[str, Any]:
     """Prequential evaluation; returns the JSON result described in the module docstring.
 
     ``events``: iterable of event dicts (``user_id``, ``item_id``, ``ts`` ms,
     optional ``weight``) or the structured array of :func:`datasets.load_ml100k`.
     ``baselines=False`` runs the model alone (for ablations). The tested sample is every ``sample_every``-th event after warm-up, starting
-    at offset ``seed % sample_every``. ``ranks`` > 1 trains the model as a gang
-    of that many ranks would (:func:`run_gang_model`).
+    at offset ``seed % sample_every``.
+
+    With ``catalogue`` (item dicts with ``item_id`` and ``ts``) and ``vectors``
+    (item id -> text vector), the same run also trains the model with content
+    and adds ``"content"`` to the result (:mod:`stream_rec.evaluation_content`):
+    both models ranked on the sample, on the cold slice and on announced items'
+    first events, with the serving content term at ``content_alpha``.
+
+    ``ranks`` > 1 trains the model as a gang of that many ranks would
+    (:func:`stream_rec.evaluation_gang.run_gang_model`); a gang trains no item
+    text, so it takes no ``vectors``.
     """
     cfg = model_cfg or ModelConfig()
     users, items, ts, ws = _to_arrays(events)
@@ -246,8 +210,21 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
     if sample_every > 0 and start < n:
         tested[start + (seed % sample_every)::sample_every] = True
     if ranks > 1:
-        return _run_gang_eval(users, items, ts, ws, tested, batch_size, cfg, device, baselines,
-                              ranks)
+        if vectors is not None:
+            raise ValueError("a gang (ranks > 1) trains no item text: compare content "
+                             "with one rank")
+        from .evaluation_gang import run_gang_eval
+
+        return run_gang_eval(users, items, ts, ws, tested, batch_size, cfg, device,
+                             baselines, ranks)
+    slices = None
+    extra = np.zeros(n, dtype=bool)          # events ranked for the content comparison only
+    base_ranks: dict[int, int | None] = {}
+    if vectors is not None:
+        from .evaluation_content import content_slices
+
+        slices = content_slices(items, ts, start, tested, catalogue or [])
+        extra = slices["cold"] | slices["first"]
     model = StreamingModel(cfg, device=device)
     with_baselines = baselines
     runners: dict[str, _Baseline] = {} if not with_baselines else {
@@ -255,7 +232,7 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
         "decayed_popularity": DecayedPopularityBaseline(cfg.pop_half_life_ms),
         "cooccurrence": CooccurrenceBaseline(cfg.history),
     }
-    mm = _Metrics()
+    mm = Metrics()
     test_s = 0.0
     t_all = time.perf_counter()
     for b0 in range(0, n, batch_size):
@@ -266,8 +243,13 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
                    bt: np.ndarray = bt, bw: np.ndarray = bw) -> None:
             nonlocal test_s
             t0 = time.perf_counter()
-            if tested[b0 + j]:
-                mm.add(_model_rank(model, bu[j], bi[j]))
+            k = b0 + j
+            if tested[k] or extra[k]:
+                rank = model_rank(model, bu[j], bi[j])
+                if slices is not None:
+                    base_ranks[k] = rank
+            if tested[k]:
+                mm.add(rank)
                 for bl in runners.values():
                     bl.test(bu[j], bi[j], int(bt[j]))
             for bl in runners.values():
@@ -281,6 +263,15 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
         mm.train_events += b1 - b0
     wall = time.perf_counter() - t_all
     res = mm.result()
+    out: dict[str, Any] = {}
+    if slices is not None:
+        from .evaluation_content import content_pass
+
+        assert vectors is not None
+        out["content"] = content_pass(users, items, ts, ws, cfg, device, batch_size,
+                                      catalogue or [], vectors, slices, base_ranks,
+                                      content_alpha)
+        wall = time.perf_counter() - t_all
     return {
         "model": res,
         "baselines": {k: v.metrics.result() for k, v in runners.items()},
@@ -290,111 +281,5 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
         "batch_size": batch_size,
         "device": str(model.device),
         "wall_s": wall,
+        **out,
     }
-
-
-def _run_baselines(users: list[str], items: list[str], ts: np.ndarray, ws: np.ndarray,
-                   tested: np.ndarray, cfg: ModelConfig) -> dict[str, dict[str, float]]:
-    """The baselines alone, test-then-learn event by event (what the model's run interleaves)."""
-    runners: dict[str, _Baseline] = {
-        "popularity": PopularityBaseline(),
-        "decayed_popularity": DecayedPopularityBaseline(cfg.pop_half_life_ms),
-        "cooccurrence": CooccurrenceBaseline(cfg.history),
-    }
-    for j in range(len(users)):
-        for bl in runners.values():
-            if tested[j]:
-                bl.test(users[j], items[j], int(ts[j]))
-            bl.learn(users[j], items[j], int(ts[j]), float(ws[j]))
-    return {k: v.metrics.result() for k, v in runners.items()}
-
-
-def run_gang_model(users: list[str], items: list[str], ts: np.ndarray, ws: np.ndarray,
-                   tested: np.ndarray, batch_size: int, cfg: ModelConfig, device: str,
-                   ranks: int) -> tuple[_Metrics, str]:
-    """The model trained by a gang of ``ranks`` ranks (threads of this process), tested
-    prequentially on each event's owner; returns the summed metrics and the device.
-
-    Users are spread over ranks as Kafka spreads them over partitions (a hash of
-    the user id; one partition per rank here). Each batch of ``batch_size``
-    events of the stream is one round: every rank learns its users' events of
-    the batch, in stream order, with the gang's step semantics
-    (:mod:`stream_rec.model.gang`). Every event is tested on its owner, before
-    its user side is applied, against the embeddings of the last chunk's end.
-    """
-    from .model.exchange import ThreadExchange
-    from .model.gang import GangModel
-    from .model.ids import id_hash
-
-    owner = np.array([id_hash(u) % ranks for u in users], dtype=np.int64)
-    n = len(users)
-
-    def body(ex: ThreadExchange) -> tuple[_Metrics, str]:
-        model = GangModel(cfg, device=device, exchange=ex)
-        mm = _Metrics()
-        for b0 in range(0, n, batch_size):
-            idx = np.flatnonzero(owner[b0:b0 + batch_size] == ex.rank) + b0
-            bu, bi = [users[j] for j in idx], [items[j] for j in idx]
-            test_s = 0.0
-
-            def before(j: int, idx: np.ndarray = idx, bu: list[str] = bu,
-                       bi: list[str] = bi) -> None:
-                nonlocal test_s
-                if tested[idx[j]]:
-                    t0 = time.perf_counter()
-                    mm.add(_model_rank(model, bu[j], bi[j]))
-                    test_s += time.perf_counter() - t0
-
-            t0 = time.perf_counter()
-            model.learn_round(bu, bi, ts[idx], ws[idx], partitions=owner[idx],
-                              before_event=before)
-            mm.train_s += time.perf_counter() - t0 - test_s
-            mm.train_events += len(idx)
-        return mm, str(model.device)
-
-    per_rank = ThreadExchange.run(ranks, body)
-    total = _Metrics()
-    for mm, _ in per_rank:
-        total.n += mm.n
-        total.hits += mm.hits
-        total.ndcg += mm.ndcg
-        total.mrr += mm.mrr
-        total.train_events += mm.train_events
-        total.train_s = max(total.train_s, mm.train_s)  # the ranks run side by side
-    return total, per_rank[0][1]
-
-
-def _run_gang_eval(users: list[str], items: list[str], ts: np.ndarray, ws: np.ndarray,
-                   tested: np.ndarray, batch_size: int, cfg: ModelConfig, device: str,
-                   baselines: bool, ranks: int) -> dict[str, Any]:
-    t_all = time.perf_counter()
-    mm, dev = run_gang_model(users, items, ts, ws, tested, batch_size, cfg, device, ranks)
-    res = mm.result()
-    return {
-        "model": res,
-        "baselines": _run_baselines(users, items, ts, ws, tested, cfg) if baselines else {},
-        "events_per_s": res["events_per_s"],
-        "n_events": len(users),
-        "n_tested": mm.n,
-        "batch_size": batch_size,
-        "ranks": ranks,
-        "device": dev,
-        "wall_s": time.perf_counter() - t_all,
-    }
-
-
-def _model_rank(model: StreamingModel, user: str, item: str) -> int | None:
-    """Rank of ``item`` in the model's answer for ``user`` (popular fallback for new users)."""
-    target = model.item_row(item)
-    if target is None:
-        return None
-    row = model.query_row(user)
-    live = model.live_items()
-    if row is None:
-        pop = model.fast.pop[: model.n_items]
-        scores = np.where(live & np.isfinite(pop), pop, -np.inf)
-        return _rank(scores, target, ())
-    user_scores = model.score_user(user)
-    assert user_scores is not None
-    scores = np.where(live, user_scores, -np.inf)
-    return _rank(scores, target, model.seen_rows(row))

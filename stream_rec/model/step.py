@@ -109,7 +109,8 @@ class StepGrads:
     ``Eo`` and ``bias_c`` are those rows' values before the step. ``dpos``
     (H, NB) and ``dM`` (D, D) are the slot weights' and the transition's.
     ``users`` (Q,) / ``Uq`` / ``dU`` (Q, D) are the user vectors' (``None``
-    without them). :func:`apply_grads` writes them all; a gang sums the item
+    without them); ``dW`` (K, D) the content projection's (``None`` without
+    text vectors). :func:`apply_grads` writes them all; a gang sums the item
     and global parts over its ranks first (:mod:`.gang_step`).
     """
 
@@ -126,6 +127,7 @@ class StepGrads:
     users: torch.Tensor
     Uq: torch.Tensor | None
     dU: torch.Tensor | None
+    dW: torch.Tensor | None = None
 
 
 def run_step(p: Params, cfg: ModelConfig, shape: StepShape, buf: torch.Tensor) -> None:
@@ -138,6 +140,12 @@ def run_step(p: Params, cfg: ModelConfig, shape: StepShape, buf: torch.Tensor) -
     ``dE_out = scale · Gᵀ q``; the history rows get ``w · dq`` and the slot
     weights ``dq · E``. Every gradient is computed from the values before the
     step (:func:`step_grads`), then every table is updated (:func:`apply_grads`).
+
+    With text vectors (``shape.x``; tied only), every row in the step is its
+    effective vector ``E = F + X W`` (``F`` the free row, ``X`` the text
+    vector): the step reads ``E`` everywhere above, gives its gradient ``g``
+    to the free rows (row-wise Adagrad, L2 on ``F``) and ``Xᵀ g`` to W
+    (element-wise Adagrad at ``content_lr``).
     """
     apply_grads(p, cfg, step_grads(p, cfg, shape, buf))
 
@@ -156,6 +164,12 @@ def step_grads(p: Params, cfg: ModelConfig, shape: StepShape, buf: torch.Tensor)
     # ---- forward: the query
     rows = f["rows"]
     Er = E_in.index_select(0, rows)                               # (T, D) rows, before update
+    content = shape.x
+    if content:                                                   # effective rows F + X W
+        Xr = full["item_text"].index_select(0, rows).to(torch.float32)   # (T, K)
+        Ee = torch.addmm(Er, Xr, p.content_w)
+    else:
+        Ee = Er
     pw = torch.cat([p.pos_w.reshape(-1), torch.zeros(1, device=dev)])
     psw = pw.index_select(0, f["slot"])                           # (N * H,) empty slots: 0
     if shape.csr:
@@ -163,10 +177,14 @@ def step_grads(p: Params, cfg: ModelConfig, shape: StepShape, buf: torch.Tensor)
         crow = torch.arange(0, N * H + 1, H, device=dev)
         W = torch.sparse_csr_tensor(crow, f["hist_local"], psw, (N, shape.t),
                                     check_invariants=False)
-        q = W @ Er
-        E0 = E_in.index_select(0, f["hist"].view(N, H)[:, 0]) if c.transition else None
+        q = W @ Ee
+        E0 = None
+        if c.transition:
+            E0 = Ee.index_select(0, f["hist_local"].view(N, H)[:, 0]) if content else \
+                E_in.index_select(0, f["hist"].view(N, H)[:, 0])
     else:
-        Eh = E_in.index_select(0, f["hist"]).view(N, H, D)     # empty slots: scratch row (0)
+        Eh = (Ee.index_select(0, f["hist_local"]) if content            # empty: local 0, zero
+              else E_in.index_select(0, f["hist"])).view(N, H, D)  # empty slots: scratch row (0)
         q = torch.bmm(psw.view(N, 1, H), Eh).squeeze(1)           # (N, D)
         E0 = Eh[:, 0]
     if c.transition:
@@ -179,7 +197,8 @@ def step_grads(p: Params, cfg: ModelConfig, shape: StepShape, buf: torch.Tensor)
 
     # ---- logits, softmax, G = dloss/dlogits
     cand, label, w = f["cand"], f["label"], f["weight"]
-    Eo = E_out.index_select(0, cand)                              # (C, D)
+    Eo = Ee.index_select(0, f["cand_local"]) if content \
+        else E_out.index_select(0, cand)                          # (C, D)
     bias_c = full["item_bias"].index_select(0, cand)
     b = bias_c + f["prior"]
     mask = _mask(f, c, shape, cand)
@@ -219,7 +238,7 @@ def step_grads(p: Params, cfg: ModelConfig, shape: StepShape, buf: torch.Tensor)
 
     # ---- backward into the history: slot weights (dq . E) and history rows (w dq)
     if shape.csr:
-        dpsw = torch.sparse.sampled_addmm(W, dq, Er.t(), beta=0.0).values()
+        dpsw = torch.sparse.sampled_addmm(W, dq, Ee.t(), beta=0.0).values()
         Wt = torch.sparse_csr_tensor(f["crow_t"], f["col_t"],
                                      psw.index_select(0, f["perm"]), (shape.t, N),
                                      check_invariants=False)
@@ -229,7 +248,7 @@ def step_grads(p: Params, cfg: ModelConfig, shape: StepShape, buf: torch.Tensor)
         g_rows = torch.zeros(shape.t, D, device=dev)
         g_slot = psw.view(N, H, 1) * dq.unsqueeze(1)              # (N, H, D)
         g_rows.index_add_(0, f["hist_local"], g_slot.view(N * H, D))
-    dM = None
+    dM = dW = None
     if c.transition:
         # q += E0 M: E0 gets dq Mᵀ (an empty slot 0 is the scratch row: nothing), M gets E0ᵀ dq
         live0 = f["hist"].view(N, H)[:, 0].ne(0).to(torch.float32).unsqueeze(1)
@@ -241,6 +260,8 @@ def step_grads(p: Params, cfg: ModelConfig, shape: StepShape, buf: torch.Tensor)
     # ---- gradients of the tables' rows
     if c.tied:
         g_rows.index_add_(0, f["cand_local"], dEo)
+        if content:                                               # W's share: Xᵀ g (K, D)
+            dW = Xr.t() @ g_rows
         if c.l2 > 0:
             g_rows += f["l2coef"].unsqueeze(1) * Er
         dEo_out = None
@@ -256,7 +277,8 @@ def step_grads(p: Params, cfg: ModelConfig, shape: StepShape, buf: torch.Tensor)
         if c.l2 > 0:
             dU += 2.0 * c.l2 * Uq
     return StepGrads(rows=rows, Er=Er, g_rows=g_rows, cand=cand, Eo=Eo, dEo=dEo_out,
-                     bias_c=bias_c, dB=dB, dpos=dpos, dM=dM, users=f["users"], Uq=Uq, dU=dU)
+                     bias_c=bias_c, dB=dB, dpos=dpos, dM=dM, users=f["users"], Uq=Uq, dU=dU,
+                     dW=dW)
 
 
 def apply_grads(p: Params, cfg: ModelConfig, g: StepGrads) -> None:
@@ -277,6 +299,11 @@ def apply_item_grads(p: Params, cfg: ModelConfig, g: StepGrads) -> None:
         assert g.dEo is not None
         _adagrad_rows(full["item_in"], full["acc_in"], g.rows, g.Er, g.g_rows, lr, decay)
         _adagrad_rows(full["item_out"], full["acc_out"], g.cand, g.Eo, g.dEo, lr, decay)
+    if g.dW is not None:                                          # the content projection
+        if decay != 1.0:
+            p.content_acc.mul_(decay)
+        p.content_acc.addcmul_(g.dW, g.dW)
+        p.content_w.addcdiv_(g.dW, p.content_acc.sqrt().add_(EPS), value=-c.content_lr)
     acc_b = full["acc_bias"]
     ab = acc_b.index_select(0, g.cand)
     if decay != 1.0:

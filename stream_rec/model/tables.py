@@ -35,12 +35,15 @@ ITEM_ACC_BIAS = "item.acc_bias"
 ITEM_POP_LOG = "item.pop_log"      # (I,) f64 log decayed event count, relative to t_ref
 ITEM_LAST_TS = "item.last_ts"      # (I,) i64 newest event time (ms)
 ITEM_EVENTS = "item.events"        # (I,) i64 events learned
+ITEM_TEXT = "item.text"            # (I, K) f16 text vector (0: none); only with content_dim
 
 # global.*
 POS_W = "global.pos_w"                       # (H, NB) f32 weight per (slot, age bucket)
 POS_ACC = "global.pos_acc"
 TRANSITION = "global.transition"             # (D, D) f32
 TRANSITION_ACC = "global.transition_acc"
+CONTENT_W = "global.content_w"               # (K, D) f32 text -> item space; only with
+CONTENT_ACC = "global.content_acc"           # content_dim, and its Adagrad sums
 STEP = "global.step"                         # (1,) i64 training chunks completed
 T_REF = "global.t_ref"                       # (1,) i64 reference time of pop_log (-1 none)
 WATERMARK = "global.watermark"               # (1,) i64 newest event time learned (-1 none)

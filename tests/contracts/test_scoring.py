@@ -78,3 +78,25 @@ def test_every_path_gives_the_same_top_k(extra: dict, tmp_path: Path) -> None:
             assert answers["served"] == answers["in_memory"], (user, answers)
     finally:
         client.__exit__(None, None, None)
+
+
+def test_every_path_gives_the_same_top_k_with_content(tmp_path: Path) -> None:
+    """Item text through W: in-memory, snapshot and served (without the serving term) agree."""
+    from stream_rec.settings import ServeSettings
+    from tests.model.test_content import _catalogue
+
+    model = _trained({"content_dim": 24})
+    ids, vecs = _catalogue(150)
+    model.announce(ids + ["only-announced"], np.concatenate([vecs, vecs[:1]]))
+    state = model.state()
+    store = SnapshotStore(tmp_path / "store")
+    store.publish(state, offsets={}, watermark=None)
+    app = create_app(store, ServeSettings(content_alpha=0.0), watch=False)
+    with TestClient(app) as client:
+        assert app.state.watcher.poll_once()
+        for user in USERS:
+            want = [i for i, _ in model.recommend(user, K)]
+            assert [i for i, _ in state.recommend(user, K)] == want, user
+            body = client.get(f"/recommend/{user}", params={"k": K}).json()
+            assert [x["item_id"] for x in body["items"]] == want, user
+        assert client.get("/similar/only-announced").status_code == 200
