@@ -47,7 +47,7 @@ import torch
 
 from . import kernels
 from .buffers import Events, ReplayRing
-from .config import ModelConfig
+from .config import GANG_WITHOUT_CONTENT, ModelConfig
 from .exchange import Exchange
 from .expiry import expire
 from .gang_step import exchange_step
@@ -92,6 +92,8 @@ class GangModel(StreamingModel):
         c = self.cfg
         self.exchange = exchange
         self.rank, self.world = exchange.rank, exchange.world
+        if c.content_dim:
+            raise ValueError(GANG_WITHOUT_CONTENT)
         if c.shared_rows and self.world > 1:
             raise ValueError("shared_rows > 0 is not supported by a gang of more than one rank "
                              "(shared user rows would be learned on several ranks)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from stream_rec.model.config import GANG_WITHOUT_CONTENT
 from stream_rec.settings import Settings
 from stream_rec.snapshot import Fenced
 
@@ -21,8 +22,11 @@ def run_worker(settings: Settings, stop: threading.Event | None = None, procs: i
 
     ``procs`` > 0 launches a gang of that many ranks on this host (``argv``: the
     command's arguments, passed on to the ranks); a process started by torch's
-    elastic agent runs as one rank of its gang (:mod:`.launch`).
+    elastic agent runs as one rank of its gang (:mod:`.launch`). A gang trains
+    no item text: with ``model.content_dim`` it refuses to start (ValueError).
     """
+    if (procs or in_gang()) and settings.model.content_dim:
+        raise ValueError(GANG_WITHOUT_CONTENT)
     if procs:
         return launch_gang(settings, procs, argv or ["worker"])
     if in_gang():

@@ -237,5 +237,7 @@ def test_a_gang_refuses_what_it_cannot_keep_consistent() -> None:
         if ex.world > 1:
             with pytest.raises(ValueError, match="shared_rows"):
                 GangModel(small(admit_after=2, shared_rows=4), device="cpu", exchange=ex)
+        with pytest.raises(ValueError, match="item text"):   # W is neither read nor summed
+            GangModel(small(content_dim=8), device="cpu", exchange=ex)
 
     ThreadExchange.run(2, body)

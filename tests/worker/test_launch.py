@@ -33,3 +33,18 @@ def test_partitions_are_dealt_by_rank_modulo_the_gang_size() -> None:
 def test_a_gang_needs_at_least_one_rank(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["worker", "--procs", "0"]) == 2
     assert "--procs" in capsys.readouterr().err
+
+
+def test_a_gang_refuses_item_text_in_one_line(monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """The ranks read no items topic and exchange no gradient of W: refused before launch."""
+    monkeypatch.setenv("STREAM_REC_MODEL__CONTENT_DIM", "16")
+    assert main(["worker", "--procs", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "trains no item text" in err, err
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")     # a rank under torchrun: the same
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["worker"]) == 2
+    assert "trains no item text" in capsys.readouterr().err
+    assert main(["eval", "--ranks", "2", "--items"]) == 2
+    assert "--items" in capsys.readouterr().err
