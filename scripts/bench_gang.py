@@ -197,10 +197,12 @@ def _plot(summary: dict[str, dict[str, float]], ranks: list[int]) -> None:
             ax.annotate(f"step {step['step_ms']:.1f} ms\n(exchange {step['step_exchange_ms']:.1f})",
                         (w, e), textcoords="offset points", xytext=(6, -24), fontsize=8)
         ax.set_xticks(xs)
+        ax.set_xlim(min(xs) - 0.3, max(xs) + 0.7)
+        ax.set_ylim(0, 1.15 * max(eps + [summary["worker"]["events_per_s"]]))
         ax.set_xlabel("ranks (one torch thread each)")
         ax.set_ylabel("events/s")
         ax.set_title("Gang scaling on this machine's cores")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="lower left", fontsize=8)
 
     plot("gang_scaling.png", draw)
 
