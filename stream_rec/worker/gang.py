@@ -116,6 +116,7 @@ class GangWorker:
         self.all_partitions: list[int] = []
         self.consuming_since: float | None = None
         self._poisoned: tuple[int | None, str] | None = None   # rank 0: to announce
+        self.replicas_checked = 0   # rank 0, worker.gang_check_replicas: publishes checked
 
     @property
     def offsets(self) -> dict[int, int]:
@@ -369,6 +370,7 @@ class GangWorker:
             if len(set(digests)) != 1:
                 raise Fatal(f"the gang's replicas differ (replica checksums by rank: {digests}); "
                             "nothing was published")
+            self.replicas_checked += 1
         offsets = {p: o for p, o in self.offsets.items() if p not in self.all_partitions}
         for _, theirs in shares:
             offsets.update(theirs)
@@ -425,6 +427,9 @@ class GangWorker:
             assert publisher is not None
             publisher.wait_idle()
             done = self.checkpoint.commit_durable(self)
+            if self.settings.worker.gang_check_replicas:
+                log.info("replicas bitwise equal at all %d publishes checked since the restore",
+                         self.replicas_checked)
             if done:
                 durable = (done[-1].version, dict(done[-1].offsets.get(self.kafka.topic, {})))
         _, got = self._any_stop(durable)

@@ -12,6 +12,7 @@ Rank 0 compares every replica's checksum at each publish
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -87,6 +88,8 @@ def test_a_gang_survives_kill_9_of_either_rank_and_counts_like_one_worker(
     assert code == 0, text[-3000:]
     assert "restart 2" in text and "restart 3" not in text   # one restart per kill
     assert "replicas differ" not in text and "connectFullMesh" not in text
+    checked = re.findall(r"replicas bitwise equal at all (\d+) publishes checked", text)
+    assert checked and int(checked[-1]) > 0, "the replicas were not compared"
 
     applied = assert_exactly_once(store, feeder.acked)
     assert applied == len(feeder.acked)
