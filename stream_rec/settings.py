@@ -231,6 +231,14 @@ class ServeSettings(Section):
     # events and similar text lifted by alpha * gate * cosine. 0 = off. 1.5 is the
     # best measured on ML-100K (docs/CONTENT.md).
     content_alpha: float = Field(1.5, ge=0)
+    # HTTP limits (stream_rec.serving.http): connections and requests held at once (beyond:
+    # 503), idle keep-alive, time to send a request's headers, listen backlog, and how long a
+    # stopping server lets requests in flight finish.
+    max_connections: int = Field(2048, ge=1)
+    keep_alive_s: int = Field(5, ge=1)
+    header_timeout_s: float = Field(10.0, gt=0)
+    backlog: int = Field(2048, ge=1)
+    graceful_shutdown_s: int = Field(10, ge=1)
 
     # With workers > 1 the processes share their metric values through files here, so that
     # /metrics answers the same sums whichever process serves the scrape. Emptied at start;

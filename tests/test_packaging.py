@@ -93,3 +93,17 @@ def test_the_wheel_ships_the_dashboard_page(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as z:
         assert z.read("stream_rec/serving/dashboard.html") == \
             (ROOT / "stream_rec" / "serving" / "dashboard.html").read_bytes()
+
+
+def test_light_commands_do_not_import_torch() -> None:
+    """``config``, ``produce``, ``dlq``, ``status`` and ``topics`` start in a fraction of a
+    second on a host without the training stack loaded: none of their modules imports torch."""
+    code = ("import sys; from stream_rec.cli import main; "
+            "import stream_rec.ops.dlq, stream_rec.ops.status, stream_rec.ops.topics, "
+            "stream_rec.producer, stream_rec.settings; main(['config']); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_REC_")}
+    clean["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=clean, cwd=ROOT, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]

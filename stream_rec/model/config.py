@@ -36,7 +36,7 @@ class ModelConfig(BaseModel):
                            "than this are live at a chunk's end, the least recently seen (event "
                            "time) expire down to 15/16 of it")
     max_items: int = Field(1_000_000, ge=0, description="like max_users, for item ids")
-    seen_max: int = Field(500, ge=0, description="0 = no cap; else each user's seen list (left "
+    seen_max: int = Field(1000, ge=0, description="0 = no cap; else each user's seen list (left "
                           "out of answers, masked in training) keeps the most recently clicked "
                           "this many distinct items")
     pending_max: int = Field(20_000, ge=0, description="with admission on: ids waiting for it "

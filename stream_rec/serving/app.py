@@ -28,6 +28,7 @@ from stream_rec.serving import dashboard
 from stream_rec.serving.auth import ApiKeys, BearerAuth
 from stream_rec.serving.batcher import SearchBatcher
 from stream_rec.serving.follower import TopicFollower
+from stream_rec.serving.http import configure, uvicorn_options
 from stream_rec.serving.overlay import Overlay
 from stream_rec.serving.state import ServingState, SnapshotWatcher, plan_on_newest
 from stream_rec.settings import ServeSettings, Settings
@@ -223,7 +224,8 @@ def serve(store: SnapshotStore, settings: Settings) -> None:
            "ssl_keyfile_password": cfg.ssl_keyfile_password.get_secret_value()
            if cfg.ssl_keyfile_password else None}
     common: dict[str, Any] = dict(host=cfg.host, port=cfg.port, log_level="warning",
-                                  access_log=False, log_config=uvicorn_log_config(), **tls)
+                                  access_log=False, log_config=uvicorn_log_config(),
+                                  **uvicorn_options(cfg), **tls)
     log.info("serving on %s://%s:%d from %s (%d process%s)",
              "https" if cfg.ssl_certfile else "http", cfg.host, cfg.port, store.url,
              cfg.workers, "es" if cfg.workers > 1 else "")
@@ -274,5 +276,6 @@ def app_from_environment() -> FastAPI:
     from stream_rec.settings import load_settings
 
     settings = load_settings()
+    configure(settings.serve)  # this process's HTTP limits
     return create_app(SnapshotStore(settings.store.path, settings.store.keep_versions),
                       settings.serve, follow=settings)

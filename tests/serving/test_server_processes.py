@@ -218,3 +218,52 @@ def test_two_processes_count_every_request_once(tmp_path: Path) -> None:
         stop_process(server)
     assert server.returncode == 0
     assert not glob.glob(str(metrics_dir / "gauge_live*.db")), "exited processes leave gauges"
+
+
+def test_slow_headers_are_cut_and_connections_are_bounded(tmp_path: Path) -> None:
+    """A client trickling header bytes loses its connection at ``serve.header_timeout_s``;
+    beyond ``serve.max_connections`` requests get 503 instead of a queue; others keep being
+    answered."""
+    import socket
+    import time
+
+    store, user = _store_with_a_version(tmp_path)
+    port = free_port()
+    env = _env(store, STREAM_REC_SERVE__HEADER_TIMEOUT_S="1.0",
+               STREAM_REC_SERVE__MAX_CONNECTIONS="3", STREAM_REC_SERVE__FOLLOW_TOPIC="false")
+    server = spawn(["serve", "--port", str(port)], env, tmp_path / "server.log")
+    try:
+        wait_for_port("127.0.0.1", port, 60, server)
+        base = f"http://127.0.0.1:{port}"
+        wait_until(lambda: httpx.get(f"{base}/readyz", timeout=5).status_code == 200, 30,
+                   what="a version")
+        slow = socket.create_connection(("127.0.0.1", port), timeout=5)
+        slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        t0 = time.monotonic()
+        closed_after = None
+        for _ in range(40):  # a header byte every 0.1 s, each of which used to reset a timer
+            time.sleep(0.1)
+            try:
+                slow.sendall(b"X")
+            except OSError:
+                closed_after = time.monotonic() - t0
+                break
+        if closed_after is None:
+            slow.settimeout(1.0)
+            assert slow.recv(100) == b"", "a connection still sending headers after 4 s is open"
+            closed_after = time.monotonic() - t0
+        assert 0.8 < closed_after < 4.5, closed_after
+        slow.close()
+
+        # Three connections held (headers never finished): the fourth request gets 503.
+        held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+        for s in held:
+            s.sendall(b"GET /healthz HTTP/1.1\r\n")
+        time.sleep(0.2)
+        assert httpx.get(f"{base}/recommend/{user}", timeout=5).status_code == 503
+        for s in held:
+            s.close()
+        wait_until(lambda: httpx.get(f"{base}/recommend/{user}", timeout=5).status_code == 200,
+                   10, what="answers once the held connections are gone")
+    finally:
+        stop_process(server)
