@@ -99,7 +99,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         settings.kafka.group_id = args.group
     if args.device:
         settings.worker.device = args.device
-    return run_worker(settings, stop)
+    if args.procs is not None and args.procs < 1:
+        raise UsageError("--procs: at least 1")
+    return run_worker(settings, stop, procs=args.procs or 0, argv=args.argv)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -156,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "worker", "consume, learn, publish snapshots, commit", cmd_worker)
     p.add_argument("--group", help="consumer group id")
     p.add_argument("--device", help="auto, cpu or cuda")
+    p.add_argument("--procs", type=int, metavar="N",
+                   help="run a gang of N ranks on this host (torch's elastic launcher); "
+                        "see docs/OPERATIONS.md")
 
     p = _command(sub, "serve", "answer top-K requests over HTTP from the newest snapshot",
                  cmd_serve, server=True)
@@ -181,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a gang passes its ranks
     from stream_rec.logs import configure_logging
 
     configure_logging(getattr(args, "log_level", None))

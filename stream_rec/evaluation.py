@@ -184,7 +184,7 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
              device: str = "auto", baselines: bool = True,
              catalogue: list[dict[str, Any]] | None = None,
              vectors: dict[str, np.ndarray] | None = None,
-             content_alpha: float = 1.5) -> dict[str, Any]:
+             content_alpha: float = 1.5, ranks: int = 1) -> dict[str, Any]:
     """Prequential evaluation; returns the JSON result described in the module docstring.
 
     ``events``: iterable of event dicts (``user_id``, ``item_id``, ``ts`` ms,
@@ -197,6 +197,10 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
     and adds ``"content"`` to the result (:mod:`stream_rec.evaluation_content`):
     both models ranked on the sample, on the cold slice and on announced items'
     first events, with the serving content term at ``content_alpha``.
+
+    ``ranks`` > 1 trains the model as a gang of that many ranks would
+    (:func:`stream_rec.evaluation_gang.run_gang_model`); a gang trains no item
+    text, so it takes no ``vectors``.
     """
     cfg = model_cfg or ModelConfig()
     users, items, ts, ws = _to_arrays(events)
@@ -205,6 +209,14 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
     tested = np.zeros(n, dtype=bool)
     if sample_every > 0 and start < n:
         tested[start + (seed % sample_every)::sample_every] = True
+    if ranks > 1:
+        if vectors is not None:
+            raise ValueError("a gang (ranks > 1) trains no item text: compare content "
+                             "with one rank")
+        from .evaluation_gang import run_gang_eval
+
+        return run_gang_eval(users, items, ts, ws, tested, batch_size, cfg, device,
+                             baselines, ranks)
     slices = None
     extra = np.zeros(n, dtype=bool)          # events ranked for the content comparison only
     base_ranks: dict[int, int | None] = {}

@@ -181,6 +181,16 @@ class WorkerSettings(Section):
     # An idle worker confirms this often that its topic still exists and is the
     # same one (a check also runs before every publish).
     topic_check_interval_s: float = Field(5.0, gt=0)
+    # A gang (stream-rec worker --procs N, or every rank under torchrun; docs/OPERATIONS.md).
+    # The longest one rank waits for the others inside one exchange before the gang fails.
+    gang_timeout_s: float = Field(300.0, gt=0)
+    # --procs: how often the launcher restarts a failed gang, and how long a stopping
+    # gang may take to publish and commit before its ranks are killed.
+    gang_max_restarts: int = Field(100, ge=0)
+    gang_shutdown_s: int = Field(60, ge=1)
+    # Test mode: at every publish rank 0 compares a checksum of every rank's replicated
+    # tables (costs a pass over the item tables) and stops the gang if one differs.
+    gang_check_replicas: bool = False
 
 
 class StoreSettings(Section):

@@ -139,6 +139,20 @@ def test_production_overlay_moves_the_store_to_s3_and_adds_keda() -> None:
     assert tomllib.loads(data)["store"]["path"].startswith("s3://")
 
 
+def test_production_worker_is_a_gang_of_one_thread_ranks_within_the_partitions() -> None:
+    docs = _kustomize("deploy/k8s/overlays/production")
+    worker = _find(docs, "StatefulSet", "stream-rec-worker")
+    (c,) = worker["spec"]["template"]["spec"]["containers"]
+    procs = int(c["args"][c["args"].index("--procs") + 1])
+    partitions = tomllib.loads(_find(docs, "ConfigMap", "stream-rec-settings")["data"]
+                               ["settings.toml"])["kafka"]["partitions"]
+    assert worker["spec"]["replicas"] == 1 and 1 < procs <= partitions
+    env = {e["name"]: e for e in c["env"]}
+    assert env["STREAM_REC_WORKER__TORCH_THREADS"] == {
+        "name": "STREAM_REC_WORKER__TORCH_THREADS", "value": "1"}
+    assert int(c["resources"]["requests"]["cpu"]) >= procs
+
+
 def test_keda_scaled_object_targets_the_worker_on_its_group_and_topic() -> None:
     docs = _kustomize("deploy/k8s/overlays/production")
     so = _find(docs, "ScaledObject", "stream-rec-worker")
@@ -148,7 +162,8 @@ def test_keda_scaled_object_targets_the_worker_on_its_group_and_topic() -> None:
                              ["settings.toml"])["kafka"]
     target = so["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("StatefulSet", worker["metadata"]["name"])
-    assert so["spec"]["minReplicaCount"] == so["spec"]["maxReplicaCount"] == 1  # until a gang
+    # one pod: a second would be a standby; the worker scales as a gang inside it
+    assert so["spec"]["minReplicaCount"] == so["spec"]["maxReplicaCount"] == 1
     (trigger,) = so["spec"]["triggers"]
     meta = trigger["metadata"]
     assert trigger["type"] == "kafka" and trigger["authenticationRef"]["name"] == \

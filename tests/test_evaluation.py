@@ -88,6 +88,21 @@ def test_cooccurrence_prefers_recent_neighbours_and_discounts_popularity() -> No
     assert s[bl.items["rare"]] > s[bl.items["pop"]]
 
 
+def test_a_simulated_gang_tests_every_event_once_and_learns_like_one_worker() -> None:
+    """``--ranks``: each event tested once on its owner; quality close to one worker's;
+    the baselines (counts, independent of the model) exactly the same."""
+    events = list(itertools.islice(iter_synthetic(n_users=200, n_items=400, seed=1), 8000))
+    one = evaluation.run_eval(events, sample_every=5, batch_size=250, model_cfg=CFG,
+                              device="cpu")
+    gang = evaluation.run_eval(events, sample_every=5, batch_size=250, model_cfg=CFG,
+                               device="cpu", ranks=3)
+    assert gang["ranks"] == 3 and gang["n_tested"] == one["n_tested"]
+    assert gang["baselines"] == {k: {**v, "events_per_s": gang["baselines"][k]["events_per_s"]}
+                                 for k, v in one["baselines"].items()}
+    assert abs(gang["model"]["hr@10"] - one["model"]["hr@10"]) < 0.03, (gang, one)
+    assert main(["eval", "--ranks", "0"]) == 2
+
+
 def _planted_catalogue(events: list[dict], k: int = 16, seed: int = 0):
     """Every item listed an hour before its first event, with a text vector that says
     its taste group (item ``i<n>`` belongs to group n mod 10) plus noise."""

@@ -11,6 +11,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# A gang's ranks read no items topic and exchange no gradient of W, so a model with
+# item text (content_dim > 0) trains in one worker process only.
+GANG_WITHOUT_CONTENT = ("a gang (worker --procs, torchrun, eval --ranks) trains no item text: "
+                        "set model.content_dim = 0 or run one worker")
+
 
 class ModelConfig(BaseModel):
     """Configuration of :class:`~stream_rec.model.StreamingModel`.

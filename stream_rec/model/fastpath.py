@@ -101,9 +101,7 @@ class FastPath:
         n = len(ts)
         if self.t_ref is None and n:
             self.t_ref = int(ts[0])
-        # log of each event's popularity mass, relative to t_ref (float64)
-        pop_x = (self.lam * (ts - (self.t_ref or 0)).astype(np.float64)
-                 + np.log(np.maximum(weight.astype(np.float64), _EPS)))
+        pop_x = self.pop_mass(ts, weight)
         new_u: list[int] = []
         new_i: list[int] = []
         H = self.cfg.history
@@ -139,6 +137,11 @@ class FastPath:
         events = Events(user=eu[:m].copy(), item=ei[:m].copy(), weight=weight[keep],
                         hist=hist_out[:m], bucket=bucket_out[:m])
         return events, new_u, new_i
+
+    def pop_mass(self, ts: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        """Log of each event's popularity mass (N,) float64, relative to ``t_ref``."""
+        return (self.lam * (ts - (self.t_ref or 0)).astype(np.float64)
+                + np.log(np.maximum(weight.astype(np.float64), _EPS)))
 
     def _run(self, start: int, stop: int, eu: np.ndarray, ei: np.ndarray, et: np.ndarray,
              px: np.ndarray, hist_out: np.ndarray, bucket_out: np.ndarray) -> None:

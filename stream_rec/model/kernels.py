@@ -195,6 +195,54 @@ def seen_load(indptr: np.ndarray, items: np.ndarray, limit: int, sizes: np.ndarr
 
 
 # ------------------------------------------------------------------ fast path
+@njit(cache=True, inline="always")
+def _user_side(k: int, u: int, i: int, t: int, shared_users: int, shared_items: int,
+               hist: np.ndarray, hist_ts: np.ndarray, edges: np.ndarray, hist_out: np.ndarray,
+               bucket_out: np.ndarray, off: np.ndarray, length: np.ndarray, cls: np.ndarray,
+               arena: np.ndarray, sizes: np.ndarray, free_head: np.ndarray, meta: np.ndarray,
+               limit: int) -> bool:
+    """Event k's history output and its user's history and seen list; False if the arena is full."""
+    H = hist.shape[1]
+    if u >= shared_users:
+        own_item = i >= shared_items
+        if own_item and not seen_add(u, i, off, length, cls, arena, sizes, free_head,
+                                     meta, limit):
+            return False
+        newest = hist_ts[u, 0]
+        for h in range(H):
+            hist_out[k, h] = hist[u, h]
+            age = np.float64(newest - hist_ts[u, h])
+            b = 0
+            while b < len(edges) and edges[b] <= age:
+                b += 1
+            bucket_out[k, h] = b
+        if own_item:
+            for h in range(H - 1, 0, -1):
+                hist[u, h] = hist[u, h - 1]
+                hist_ts[u, h] = hist_ts[u, h - 1]
+            hist[u, 0] = i
+            hist_ts[u, 0] = t
+    else:
+        b = 0
+        while b < len(edges) and edges[b] <= 0.0:
+            b += 1
+        for h in range(H):
+            hist_out[k, h] = -1
+            bucket_out[k, h] = b
+    return True
+
+
+@njit(cache=True, inline="always")
+def _count(u: int, i: int, t: int, x: float, u_events: np.ndarray, i_events: np.ndarray,
+           u_last: np.ndarray, i_last: np.ndarray, pop: np.ndarray) -> None:
+    """One event's counters: events, newest times, the item's decayed popularity."""
+    u_events[u] += 1
+    i_events[i] += 1
+    u_last[u] = max(u_last[u], t)
+    i_last[i] = max(i_last[i], t)
+    pop[i] = logaddexp(pop[i], x)
+
+
 @njit(cache=True)
 def apply_events(start: int, stop: int, eu: np.ndarray, ei: np.ndarray, et: np.ndarray,
                  px: np.ndarray, shared_users: int, shared_items: int, hist: np.ndarray,
@@ -217,43 +265,40 @@ def apply_events(start: int, stop: int, eu: np.ndarray, ei: np.ndarray, et: np.n
     seen list, a shared item enters none (the event is learned and counted).
     Stops early (before event k touches anything) when the seen arena is full.
     """
-    H = hist.shape[1]
     for k in range(start, stop):
-        u = eu[k]
-        i = ei[k]
-        t = et[k]
-        if u >= shared_users:
-            own_item = i >= shared_items
-            if own_item and not seen_add(u, i, off, length, cls, arena, sizes, free_head,
-                                         meta, limit):
-                return k
-            newest = hist_ts[u, 0]
-            for h in range(H):
-                hist_out[k, h] = hist[u, h]
-                age = np.float64(newest - hist_ts[u, h])
-                b = 0
-                while b < len(edges) and edges[b] <= age:
-                    b += 1
-                bucket_out[k, h] = b
-            if own_item:
-                for h in range(H - 1, 0, -1):
-                    hist[u, h] = hist[u, h - 1]
-                    hist_ts[u, h] = hist_ts[u, h - 1]
-                hist[u, 0] = i
-                hist_ts[u, 0] = t
-        else:
-            b = 0
-            while b < len(edges) and edges[b] <= 0.0:
-                b += 1
-            for h in range(H):
-                hist_out[k, h] = -1
-                bucket_out[k, h] = b
-        u_events[u] += 1
-        i_events[i] += 1
-        u_last[u] = max(u_last[u], t)
-        i_last[i] = max(i_last[i], t)
-        pop[i] = logaddexp(pop[i], px[k])
+        if not _user_side(k, eu[k], ei[k], et[k], shared_users, shared_items, hist, hist_ts,
+                          edges, hist_out, bucket_out, off, length, cls, arena, sizes,
+                          free_head, meta, limit):
+            return k
+        _count(eu[k], ei[k], et[k], px[k], u_events, i_events, u_last, i_last, pop)
     return stop
+
+
+@njit(cache=True)
+def apply_user_events(start: int, stop: int, eu: np.ndarray, ei: np.ndarray, et: np.ndarray,
+                      shared_users: int, shared_items: int, hist: np.ndarray,
+                      hist_ts: np.ndarray, edges: np.ndarray, hist_out: np.ndarray,
+                      bucket_out: np.ndarray, off: np.ndarray, length: np.ndarray,
+                      cls: np.ndarray, arena: np.ndarray, sizes: np.ndarray,
+                      free_head: np.ndarray, meta: np.ndarray, limit: int) -> int:
+    """:func:`apply_events` without the counters: the user side, for a gang rank's own
+    events (the counters of every rank's events are :func:`count_events`)."""
+    for k in range(start, stop):
+        if not _user_side(k, eu[k], ei[k], et[k], shared_users, shared_items, hist, hist_ts,
+                          edges, hist_out, bucket_out, off, length, cls, arena, sizes,
+                          free_head, meta, limit):
+            return k
+    return stop
+
+
+@njit(cache=True)
+def count_events(eu: np.ndarray, ei: np.ndarray, et: np.ndarray, px: np.ndarray,
+                 u_events: np.ndarray, i_events: np.ndarray, u_last: np.ndarray,
+                 i_last: np.ndarray, pop: np.ndarray) -> None:
+    """The counters of :func:`apply_events` for events in order (a gang: all ranks', in
+    rank order, so that every replica sums the same numbers in the same order)."""
+    for k in range(len(eu)):
+        _count(eu[k], ei[k], et[k], px[k], u_events, i_events, u_last, i_last, pop)
 
 
 # ------------------------------------------------------------------ expiry

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import OrderedDict, deque
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -97,6 +98,38 @@ def _mask(f: dict[str, torch.Tensor], cfg: ModelConfig, shape: StepShape,
     return m.index_select(0, f["user_of"]) if cfg.mask_seen else m
 
 
+@dataclass
+class StepGrads:
+    """The gradients of one step and the values they update, all read before any update.
+
+    Rows are rows of the full tables (scratch row 0 included; table row ``r`` is
+    ``r + 1``). ``rows`` (T,) receive ``g_rows`` (T, D) in the history-side
+    table (tied: the one item table), ``cand`` (C,) receive ``dB`` (C,) in the
+    biases and, untied, ``dEo`` (C, D) in the target-side table; ``Er``,
+    ``Eo`` and ``bias_c`` are those rows' values before the step. ``dpos``
+    (H, NB) and ``dM`` (D, D) are the slot weights' and the transition's.
+    ``users`` (Q,) / ``Uq`` / ``dU`` (Q, D) are the user vectors' (``None``
+    without them); ``dW`` (K, D) the content projection's (``None`` without
+    text vectors). :func:`apply_grads` writes them all; a gang sums the item
+    and global parts over its ranks first (:mod:`.gang_step`).
+    """
+
+    rows: torch.Tensor
+    Er: torch.Tensor
+    g_rows: torch.Tensor
+    cand: torch.Tensor
+    Eo: torch.Tensor
+    dEo: torch.Tensor | None
+    bias_c: torch.Tensor
+    dB: torch.Tensor
+    dpos: torch.Tensor
+    dM: torch.Tensor | None
+    users: torch.Tensor
+    Uq: torch.Tensor | None
+    dU: torch.Tensor | None
+    dW: torch.Tensor | None = None
+
+
 def run_step(p: Params, cfg: ModelConfig, shape: StepShape, buf: torch.Tensor) -> None:
     """One sampled-softmax step with row-wise Adagrad, gradients written out.
 
@@ -105,7 +138,8 @@ def run_step(p: Params, cfg: ModelConfig, shape: StepShape, buf: torch.Tensor) -
     logits ``scale · q_n · E[c] + bias[c] + prior[c]``, seen cells masked.
     Backward: ``G = weight · (softmax − onehot(target))``; ``dq = scale · G E``;
     ``dE_out = scale · Gᵀ q``; the history rows get ``w · dq`` and the slot
-    weights ``dq · E``.
+    weights ``dq · E``. Every gradient is computed from the values before the
+    step (:func:`step_grads`), then every table is updated (:func:`apply_grads`).
 
     With text vectors (``shape.x``; tied only), every row in the step is its
     effective vector ``E = F + X W`` (``F`` the free row, ``X`` the text
@@ -113,6 +147,11 @@ def run_step(p: Params, cfg: ModelConfig, shape: StepShape, buf: torch.Tensor) -
     to the free rows (row-wise Adagrad, L2 on ``F``) and ``Xᵀ g`` to W
     (element-wise Adagrad at ``content_lr``).
     """
+    apply_grads(p, cfg, step_grads(p, cfg, shape, buf))
+
+
+def step_grads(p: Params, cfg: ModelConfig, shape: StepShape, buf: torch.Tensor) -> StepGrads:
+    """The gradients of one step (see :func:`run_step`); the tables are only read."""
     c = cfg
     f = unpack(buf, shape, cfg)
     N, H, D = shape.n, shape.h, c.dim
@@ -150,6 +189,7 @@ def run_step(p: Params, cfg: ModelConfig, shape: StepShape, buf: torch.Tensor) -
         E0 = Eh[:, 0]
     if c.transition:
         q = q + E0 @ p.transition
+    Uq = None
     if c.use_user_vector:
         Uq = full["user_vec"].index_select(0, f["users"])         # (Q, D)
         q = q + Uq.index_select(0, f["user_of"])
@@ -208,6 +248,7 @@ def run_step(p: Params, cfg: ModelConfig, shape: StepShape, buf: torch.Tensor) -
         g_rows = torch.zeros(shape.t, D, device=dev)
         g_slot = psw.view(N, H, 1) * dq.unsqueeze(1)              # (N, H, D)
         g_rows.index_add_(0, f["hist_local"], g_slot.view(N * H, D))
+    dM = dW = None
     if c.transition:
         # q += E0 M: E0 gets dq Mᵀ (an empty slot 0 is the scratch row: nothing), M gets E0ᵀ dq
         live0 = f["hist"].view(N, H)[:, 0].ne(0).to(torch.float32).unsqueeze(1)
@@ -216,43 +257,76 @@ def run_step(p: Params, cfg: ModelConfig, shape: StepShape, buf: torch.Tensor) -
         dM = E0.t() @ dq
     dpos = torch.zeros(H * NB + 1, device=dev).index_add_(0, f["slot"], dpsw)[:-1].view(H, NB)
 
-    # ---- updates
-    lr, decay = c.lr, c.acc_decay
+    # ---- gradients of the tables' rows
     if c.tied:
         g_rows.index_add_(0, f["cand_local"], dEo)
         if content:                                               # W's share: Xᵀ g (K, D)
             dW = Xr.t() @ g_rows
-            if decay != 1.0:
-                p.content_acc.mul_(decay)
-            p.content_acc.addcmul_(dW, dW)
-            p.content_w.addcdiv_(dW, p.content_acc.sqrt().add_(EPS), value=-c.content_lr)
         if c.l2 > 0:
             g_rows += f["l2coef"].unsqueeze(1) * Er
-        _adagrad_rows(E_out, full["acc_out"], rows, Er, g_rows, lr, decay)   # item_in aliases it
+        dEo_out = None
     else:
         if c.l2 > 0:
             g_rows += 2.0 * c.l2 * Er
             dEo = dEo + 2.0 * c.l2 * Eo
-        _adagrad_rows(E_in, full["acc_in"], rows, Er, g_rows, lr, decay)
-        _adagrad_rows(E_out, full["acc_out"], cand, Eo, dEo, lr, decay)
-    acc_b = full["acc_bias"]
-    ab = acc_b.index_select(0, cand)
-    if decay != 1.0:
-        ab.mul_(decay)
-    ab.addcmul_(dB, dB)
-    acc_b.index_copy_(0, cand, ab)
-    full["item_bias"].index_copy_(0, cand, torch.addcdiv(bias_c, dB, ab.sqrt_().add_(EPS),
-                                                         value=-lr))
-    p.pos_acc.addcmul_(dpos, dpos)
-    p.pos_w.addcdiv_(dpos, p.pos_acc.sqrt().add_(EPS), value=-c.pos_lr_scale * lr)
+        dEo_out = dEo
+    dU = None
     if c.use_user_vector:
+        assert Uq is not None
         dU = torch.zeros(shape.q, D, device=dev).index_add_(0, f["user_of"], dq)
         if c.l2 > 0:
             dU += 2.0 * c.l2 * Uq
-        _adagrad_rows(full["user_vec"], full["user_acc"], f["users"], Uq, dU, lr, decay)
+    return StepGrads(rows=rows, Er=Er, g_rows=g_rows, cand=cand, Eo=Eo, dEo=dEo_out,
+                     bias_c=bias_c, dB=dB, dpos=dpos, dM=dM, users=f["users"], Uq=Uq, dU=dU,
+                     dW=dW)
+
+
+def apply_grads(p: Params, cfg: ModelConfig, g: StepGrads) -> None:
+    """Row-wise Adagrad of every table the step touched: items, biases, slot weights,
+    the transition and the user vectors, from the values in ``g``."""
+    apply_item_grads(p, cfg, g)
+    apply_user_grads(p, cfg, g)
+
+
+def apply_item_grads(p: Params, cfg: ModelConfig, g: StepGrads) -> None:
+    """The item rows, biases, slot weights and transition: what a gang keeps replicated."""
+    c, full = cfg, p.full
+    lr, decay = c.lr, c.acc_decay
+    if c.tied:
+        _adagrad_rows(full["item_out"], full["acc_out"], g.rows, g.Er, g.g_rows, lr,
+                      decay)   # item_in aliases it
+    else:
+        assert g.dEo is not None
+        _adagrad_rows(full["item_in"], full["acc_in"], g.rows, g.Er, g.g_rows, lr, decay)
+        _adagrad_rows(full["item_out"], full["acc_out"], g.cand, g.Eo, g.dEo, lr, decay)
+    if g.dW is not None:                                          # the content projection
+        if decay != 1.0:
+            p.content_acc.mul_(decay)
+        p.content_acc.addcmul_(g.dW, g.dW)
+        p.content_w.addcdiv_(g.dW, p.content_acc.sqrt().add_(EPS), value=-c.content_lr)
+    acc_b = full["acc_bias"]
+    ab = acc_b.index_select(0, g.cand)
+    if decay != 1.0:
+        ab.mul_(decay)
+    ab.addcmul_(g.dB, g.dB)
+    acc_b.index_copy_(0, g.cand, ab)
+    full["item_bias"].index_copy_(0, g.cand, torch.addcdiv(g.bias_c, g.dB,
+                                                           ab.sqrt_().add_(EPS), value=-lr))
+    p.pos_acc.addcmul_(g.dpos, g.dpos)
+    p.pos_w.addcdiv_(g.dpos, p.pos_acc.sqrt().add_(EPS), value=-c.pos_lr_scale * lr)
     if c.transition:
-        p.transition_acc.addcmul_(dM, dM)
-        p.transition.addcdiv_(dM, p.transition_acc.sqrt().add_(EPS), value=-c.pos_lr_scale * lr)
+        assert g.dM is not None
+        p.transition_acc.addcmul_(g.dM, g.dM)
+        p.transition.addcdiv_(g.dM, p.transition_acc.sqrt().add_(EPS),
+                              value=-c.pos_lr_scale * lr)
+
+
+def apply_user_grads(p: Params, cfg: ModelConfig, g: StepGrads) -> None:
+    """The user vectors: rows of one owner, never exchanged in a gang."""
+    if cfg.use_user_vector:
+        assert g.Uq is not None and g.dU is not None
+        _adagrad_rows(p.full["user_vec"], p.full["user_acc"], g.users, g.Uq, g.dU, cfg.lr,
+                      cfg.acc_decay)
 
 
 class StepRunner:

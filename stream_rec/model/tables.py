@@ -63,6 +63,11 @@ CHUNK = "global.chunk_"                      # prefix of the incomplete chunk's 
 CHUNK_FILL = "global.chunk_fill"             # (1,) stream events in it
 CHUNK_NEW_USERS = "global.chunk_new_users"   # rows allocated in it (initialised at its end)
 CHUNK_NEW_ITEMS = "global.chunk_new_items"
+# Written by a gang (model/gang_state.py): the partition each pending chunk event and
+# each replay entry came from, so a restore gives it back to its owner under any gang size.
+GANG_CHUNK_PARTITION = "global.gang_chunk_partition"    # (C',) i64
+GANG_REPLAY_PARTITION = "global.gang_replay_partition"  # (R',) i64
+GANG_REPLAY_RINGS = "global.gang_replay_rings"  # (W, 2) i64 each rank's ring: entries, next write
 
 # The ragged seen lists are not row-aligned: deltas carry them as their own CSR.
 RAGGED = (SEEN_PTR, SEEN_ITEMS)

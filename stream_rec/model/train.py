@@ -187,7 +187,8 @@ class Workspace:
 
 def prepare_chunk(cfg: ModelConfig, events: Events, replay: ReplayRing, seen: SeenLists,
                   pop: np.ndarray, n_users: int, step: int, plan: Plan | None = None,
-                  ws: Workspace | None = None, content: bool = False) -> PreparedChunk:
+                  ws: Workspace | None = None, salt: tuple[int, ...] = (),
+                  replay_per_step: int | None = None, content: bool = False) -> PreparedChunk:
     """Host part of a chunk's ``cfg.steps`` gradient steps; independent of the parameters.
 
     Call it when the chunk closes -- after the fast path has applied exactly the
@@ -198,38 +199,54 @@ def prepare_chunk(cfg: ModelConfig, events: Events, replay: ReplayRing, seen: Se
     never touches the parameters or the device, so it may run on another
     thread while the device trains earlier chunks; the result is plain numpy,
     picklable, and valid whatever the tables' capacity when it is run. Draws
-    are seeded by ``(seed, 2, step)``, so a replay of the stream draws the
-    same negatives. ``content``: some items have text vectors (see
-    :class:`StepShape`).
+    are seeded by ``(seed, 2, step, *salt)``, so a replay of the stream draws the
+    same negatives (a gang's rank salts them with its rank). ``replay_per_step``
+    overrides the configuration's (a gang's rank draws its share). ``content``:
+    some items have text vectors (see :class:`StepShape`).
     """
     plan = plan or Plan()
     ws = ws or Workspace()
-    rng = np.random.default_rng([cfg.seed, 2, step])
+    rng = np.random.default_rng([cfg.seed, 2, step, *salt])
+    draws = cfg.replay_per_step if replay_per_step is None else replay_per_step
     out: list[StepBatch] = []
     for _ in range(cfg.steps):
         batch = events
-        k = min(cfg.replay_per_step, replay.size)
+        k = min(draws, replay.size)
         if k > 0:
             batch = batch.concat(replay.draw(rng, k))
-        out.append(prepare_step(cfg, batch, rng, seen, pop, n_users, plan, ws, content))
+        out.append(prepare_step(cfg, batch, rng, seen, pop, n_users, plan, ws,
+                                content=content))
     return PreparedChunk(steps=out, users=np.concatenate([b.users for b in out]),
                          items=np.concatenate([b.items for b in out]))
 
 
+def draw_negatives(rng: np.random.Generator, pop: np.ndarray, n: int) -> np.ndarray:
+    """``n`` uniform draws among the live item rows (rows of ``pop`` (I,) that held an item)."""
+    neg = rng.integers(0, len(pop), size=n) if n else np.zeros(0, dtype=np.int64)
+    return neg[np.isfinite(pop[neg])] if len(neg) else neg
+
+
 def prepare_step(cfg: ModelConfig, ev: Events, rng: np.random.Generator,
                  seen: SeenLists, pop: np.ndarray, n_users: int,
-                 plan: Plan, ws: Workspace, content: bool = False) -> StepBatch:
-    """Negatives, candidates, inverse indices, seen pairs and prior of one step, packed."""
+                 plan: Plan, ws: Workspace, neg: np.ndarray | None = None,
+                 extra_cand: np.ndarray | None = None, content: bool = False) -> StepBatch:
+    """Negatives, candidates, inverse indices, seen pairs and prior of one step, packed.
+
+    ``neg``: the step's uniform negatives, already drawn (else drawn here, as
+    :func:`draw_negatives`). ``extra_cand``: more candidate item rows (a gang's
+    rank: the other ranks' targets and negatives of the step, so that every
+    event is scored against the whole gang's candidates). ``content``: some
+    items have text vectors (see :class:`StepShape`).
+    """
     c = cfg
     live_items = len(pop)
     n_ev, H = ev.hist.shape
-    neg = rng.integers(0, live_items, size=c.negatives) if c.negatives else \
-        np.zeros(0, dtype=np.int64)
-    if len(neg):
-        neg = neg[np.isfinite(pop[neg])]
+    if neg is None:
+        neg = draw_negatives(rng, pop, c.negatives)
     if c.inbatch_negatives > 0:
         neg = np.concatenate([rng.choice(ev.item, size=c.inbatch_negatives), neg])
-    cand, label = ws.unique_inverse(np.concatenate([ev.item, neg]), live_items)
+    pool = [ev.item, neg] if extra_cand is None else [ev.item, neg, extra_cand]
+    cand, label = ws.unique_inverse(np.concatenate(pool), live_items)
     label = label[:n_ev]
     uu, u_inv = ws.unique_inverse(ev.user, n_users)
     hist = ev.hist.reshape(-1)
@@ -243,8 +260,12 @@ def prepare_step(cfg: ModelConfig, ev: Events, rng: np.random.Generator,
     pairs = seen_pairs(seen, uu) if c.mask_seen else None
 
     size = plan.size
+    # torch's sampled_addmm refuses a CSR pattern with more stored entries (n * H) than
+    # its dense shape (n * t): a step with fewer than H distinct rows (a tiny chunk, a
+    # gang rank's small share of one) pads its rows to at least H
+    t_rows = max(len(rows1), H) if plan.csr else len(rows1)
     shape = StepShape(n=size(n_ev), h=H, q=size(len(uu)), c=size(len(cand)),
-                      t=size(len(rows1)), k=size(len(shared)) if shared is not None else 0,
+                      t=size(t_rows), k=size(len(shared)) if shared is not None else 0,
                       s=size(len(pairs[0])) if pairs is not None else 0, csr=plan.csr,
                       x=content)
     lay = layout(shape, c)

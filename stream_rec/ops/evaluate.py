@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stream_rec.ops.common import add_plain_command, settings_for
+from stream_rec.ops.common import UsageError, add_plain_command, settings_for
 
 EXAMPLE = "stream-rec eval --dataset ml-100k --json"
 
@@ -25,7 +25,8 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{name:<20} {r['hr@10']:>8.4f} {r['ndcg@10']:>8.4f} {r['mrr']:>8.4f} "
                      f"{r['events_per_s']:>12,.0f}")
     lines.append(f"events={result['n_events']} tested={result['n_tested']} "
-                 f"batch={result['batch_size']} device={result['device']} "
+                 f"batch={result['batch_size']} ranks={result.get('ranks', 1)} "
+                 f"device={result['device']} "
                  f"wall={result['wall_s']:.1f}s")
     c = result.get("content")
     if c:
@@ -64,6 +65,10 @@ def load_catalogue(items: str, events: Any) -> list[dict[str, Any]]:
 def cmd_eval(args: argparse.Namespace) -> int:
     from stream_rec.evaluation import run_eval
 
+    if args.ranks < 1:
+        raise UsageError("--ranks: at least 1")
+    if args.ranks > 1 and args.items:
+        raise UsageError("--ranks with --items: a gang trains no item text")
     settings = settings_for(args)
     events = load_events(args.dataset)
     catalogue = vectors = None
@@ -78,7 +83,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = run_eval(events, warmup=args.warmup,
                       sample_every=args.sample_every, seed=args.seed,
                       batch_size=args.batch_size, model_cfg=settings.model, device=args.device,
-                      catalogue=catalogue, vectors=vectors, content_alpha=alpha)
+                      catalogue=catalogue, vectors=vectors, content_alpha=alpha,
+                      ranks=args.ranks)
     print(format_table(result), flush=True)
     if args.json:
         print(json.dumps(result), flush=True)
@@ -95,6 +101,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="offset of the tested sample")
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--ranks", type=int, default=1,
+                   help="train as a gang of W ranks would (stream-rec worker --procs W), "
+                        "simulated in this process")
     p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
     p.add_argument("--items", nargs="?", const="ml-100k", default=None, metavar="CATALOGUE",
                    help="also train the model with item text (ml-100k's catalogue, or a JSONL "

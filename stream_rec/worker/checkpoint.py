@@ -142,6 +142,21 @@ class Checkpoint:
         published = self.publisher.parent if self.publisher is not None else self.restored
         return dict(published.offsets.get(topic or self.topic, {})) if published else {}
 
+    def hold(self, m: Manifest) -> None:
+        """The model was restored from version ``m`` (elsewhere: a gang restores rank by rank)."""
+        self._hold(m)
+        self.restored = m
+
+    def take_changed(self) -> tuple[np.ndarray, np.ndarray]:
+        """The (user, item) rows changed since the last call, sorted and unique."""
+        users = np.unique(np.concatenate(self._changed_users)) if self._changed_users \
+            else np.zeros(0, np.int64)
+        items = np.unique(np.concatenate(self._changed_items)) if self._changed_items \
+            else np.zeros(0, np.int64)
+        self._changed_users.clear()
+        self._changed_items.clear()
+        return users, items
+
     def _hold(self, m: Manifest) -> None:
         self.offsets = dict(m.offsets.get(self.topic, {}))
         self.topic_id = m.topic_ids.get(self.topic)
@@ -207,12 +222,7 @@ class Checkpoint:
         """
         assert self.publisher is not None
         dlq.flush()
-        users = np.unique(np.concatenate(self._changed_users)) if self._changed_users \
-            else np.zeros(0, np.int64)
-        items = np.unique(np.concatenate(self._changed_items)) if self._changed_items \
-            else np.zeros(0, np.int64)
-        self._changed_users.clear()
-        self._changed_items.clear()
+        users, items = self.take_changed()
         side = self.side_offsets() if self.side_offsets is not None else {}
         job = PublishJob(offsets={**side, self.topic: dict(self.offsets)},
                          watermark=self.watermark, events=self.events,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -269,3 +269,80 @@ class BoundedSource:
     def close(self) -> None:
         if self.consumer is not None:
             self.consumer.close(autocommit=False)
+
+
+class AssignedSource:
+    """A gang rank's partitions, assigned by hand, committed under the live group's id.
+
+    Rank r of W reads the partitions p with p mod W = r (:func:`gang_partitions`):
+    no group membership, so no rebalances, and no member can be evicted while
+    its gang waits for a collective; commits still name ``kafka.group_id``, so
+    lag stays visible to ``stream-rec status`` and to lag-based autoscalers.
+    Positions come from the held version's offsets, checked against the log by
+    the guard like a group assignment's.
+    """
+
+    resets_on_recreation = False  # a gang stops; its restart applies the policy
+
+    def __init__(self, kafka: KafkaSettings, guard: TopicGuard) -> None:
+        self.kafka = kafka
+        self.guard = guard
+        self.consumer: Any = None
+        self.partitions: list[int] = []
+        self.generation = 0  # no group, no rebalances
+
+    def open(self, partitions: list[int]) -> None:
+        """Assign ``partitions`` and seek each where the held version left it."""
+        self.partitions = sorted(partitions)
+        positions = self.guard.positions(self.partitions) if self.partitions else {}
+        self.consumer = make_consumer(self.kafka, self.kafka.group_id, auto_offset_reset="none")
+        self.consumer.assign([TopicPartition(self.kafka.topic, p) for p in self.partitions])
+        self.seek(positions)
+
+    def poll(self, timeout_ms: int, max_records: int) -> dict[Any, list[Any]]:
+        if not self.partitions:
+            time.sleep(timeout_ms / 1000.0)  # a rank beyond the partition count: idle
+            return {}
+        try:
+            return self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        except OffsetOutOfRangeError as exc:  # the log moved under a position (retention)
+            self.seek(self.guard.positions(tp.partition for tp in exc.args[0]))
+            return {}
+
+    def seek(self, positions: Offsets) -> None:
+        for p, offset in positions.items():
+            if p in self.partitions:
+                self.consumer.seek(TopicPartition(self.kafka.topic, p), offset)
+        if positions:
+            log.info("resuming at %s", {p: o for p, o in sorted(positions.items())})
+
+    def admit(self, records: list[Any]) -> tuple[list[Any], Offsets]:
+        return records, {}
+
+    def reached_end(self, offsets: Offsets) -> bool:
+        return False
+
+    def may_publish(self) -> bool:
+        return True  # no membership to lose
+
+    def commit(self, offsets: Offsets) -> bool:
+        """Commit ``offsets`` of this rank's partitions; whether the broker took them."""
+        mine = {TopicPartition(self.kafka.topic, p): OffsetAndMetadata(o, "", -1)
+                for p, o in offsets.items() if p in self.partitions}
+        if not mine or self.consumer is None:
+            return False
+        try:
+            self.consumer.commit(mine)
+            return True
+        except KafkaError as exc:
+            log.warning("offset commit failed (the snapshot keeps them): %s", exc)
+            return False
+
+    def close(self) -> None:
+        if self.consumer is not None:
+            self.consumer.close(autocommit=False)
+
+
+def gang_partitions(partitions: Iterable[int], rank: int, world: int) -> list[int]:
+    """The partitions rank ``rank`` of ``world`` reads: those with p mod world = rank."""
+    return sorted(p for p in partitions if p % world == rank)
