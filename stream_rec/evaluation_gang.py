@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .evaluation import CooccurrenceBaseline, DecayedPopularityBaseline, PopularityBaseline
+from .baselines import CooccurrenceBaseline, DecayedPopularityBaseline, PopularityBaseline
 from .model import ModelConfig
 from .ranking import Metrics, model_rank
 

@@ -65,7 +65,7 @@ def test_batch_size_only_changes_slow_path(bs: int) -> None:
 
 
 def test_cooccurrence_prefers_recent_neighbours_and_discounts_popularity() -> None:
-    from stream_rec.evaluation import CooccurrenceBaseline
+    from stream_rec.baselines import CooccurrenceBaseline
 
     bl = CooccurrenceBaseline(window=5)
     for u, seq in (("a", ["x", "y"]), ("b", ["z", "w"]), ("c", ["x", "y"])):

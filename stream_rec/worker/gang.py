@@ -110,6 +110,7 @@ class GangWorker:
         self.guard = TopicGuard(self.kafka, wcfg.on_offset_out_of_range,
                                 held=lambda: self.checkpoint.offsets,
                                 reposition=self.checkpoint.reposition,
+                                held_topic_id=lambda: self.checkpoint.topic_id,
                                 on_wait=self.health.wait_for)
         self.source = AssignedSource(self.kafka, self.guard)
         self.model: GangModel | None = None
@@ -335,6 +336,8 @@ class GangWorker:
         verdict = self.guard.confirm()
         if verdict == "recreated":
             self.guard.recreated(held=self.checkpoint.published_offsets(), policy="fail")
+        if verdict == "same":
+            self.checkpoint.topic_id = self.guard.topic_id()  # what the next version records
         return verdict == "same"
 
     def _publish(self, dlq: DeadLetterWriter, final: bool = False) -> None:
@@ -374,8 +377,10 @@ class GangWorker:
         offsets = {p: o for p, o in self.offsets.items() if p not in self.all_partitions}
         for _, theirs in shares:
             offsets.update(theirs)
+        topic_id = self.checkpoint.topic_id
         job = PublishJob(offsets={self.kafka.topic: offsets},
-                         watermark=self.checkpoint.watermark, events=self.checkpoint.events)
+                         watermark=self.checkpoint.watermark, events=self.checkpoint.events,
+                         topic_ids={self.kafka.topic: topic_id} if topic_id else {})
         parts = [s for s, _ in shares]
         if full:
             job.state = assemble_full(model.state(), parts, cfg)
