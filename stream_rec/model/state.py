@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from . import quant
 from . import tables as T
 from .ids import shared_row
 
@@ -52,6 +53,9 @@ class ModelState:
       (I, D) f32, ``item.bias`` (I,) f32, ``item.pop_log`` (I,) f64 log decayed event count
       relative to ``global.t_ref``, ``item.last_ts``, ``item.events`` (I,) i64,
       ``item.acc_in`` / ``item.acc_out`` / ``item.acc_bias`` (I,) f32.
+    - The vector tables serving reads (``item.vectors``, ``item.in``, ``user.vec``) may be
+      held as float16 or as int8 codes with a float32 scale per row (``<name>.scale``):
+      read them through :meth:`vectors`, which decodes only the rows asked for.
     - ``global.*``: ``pos_w`` / ``pos_acc`` (H, NB) f32 weight per (history slot, age bucket), ``step``, ``t_ref``, ``watermark`` (1,) i64,
       ``seen_indptr`` (U + 1,) / ``seen_items`` i64 (CSR of each user's seen item rows),
       ``replay_user`` / ``replay_item`` / ``replay_weight`` / ``replay_hist`` (recent events),
@@ -95,6 +99,13 @@ class ModelState:
         return self._item_index.get(str(item_id))
 
     # ---- scoring ---------------------------------------------------------------
+    def vectors(self, name: str, rows: np.ndarray | slice | None = None) -> np.ndarray:
+        """Float32 rows of vector table ``name`` (all with ``None``), whatever its encoding.
+
+        ``rows`` of any shape give that shape plus (D,); only they are decoded.
+        """
+        return quant.take(self.tables, name, slice(None) if rows is None else rows)
+
     def query(self, user_rows: np.ndarray) -> np.ndarray:
         """Query vectors (B, D + 1) float32 for user rows (B,), to score by inner product."""
         rows = np.asarray(user_rows, dtype=np.int64).reshape(-1)
@@ -114,13 +125,12 @@ class ModelState:
         t = self.tables
         hist = np.asarray(hist, dtype=np.int64)
         hts = np.asarray(hist_ts, dtype=np.int64)
-        item_in = t[T.ITEM_IN]
         edges = np.asarray(self.config.get("time_buckets_s", []), dtype=np.float64) * 1000.0
         bucket = np.searchsorted(edges, hts[:, :1] - hts, side="right")  # (B, H)
         mask = hist >= 0
         pos_w = t[T.POS_W].reshape(hist.shape[1], -1)           # (H, NB)
         wts = pos_w[np.arange(hist.shape[1])[None, :], bucket] * mask  # (B, H)
-        emb = item_in[np.where(mask, hist, 0)]                         # (B, H, D)
+        emb = self.vectors(T.ITEM_IN, np.where(mask, hist, 0))         # (B, H, D)
         q = np.einsum("bhd,bh->bd", emb, wts).astype(np.float32)
         if self.config.get("transition", False):
             q = q + (emb[:, 0] * mask[:, :1]) @ t[T.TRANSITION]
@@ -128,7 +138,7 @@ class ModelState:
             rows = np.asarray(user_rows, dtype=np.int64).reshape(-1)
             known = rows >= 0
             if known.any():
-                q[known] = q[known] + t[T.USER_VEC][rows[known]]
+                q[known] = q[known] + self.vectors(T.USER_VEC, rows[known])
         q = q * np.float32(self.config.get("scale", 1.0))
         out = np.ones((len(hist), q.shape[1] + 1), dtype=np.float32)
         out[:, :-1] = q
@@ -166,8 +176,7 @@ class ModelState:
             live = np.flatnonzero(np.array([bool(i) for i in self.item_ids], dtype=bool))
             index = faiss.IndexIDMap(faiss.IndexFlatIP(self.tables[T.ITEM_VECTORS].shape[1]))
             if len(live):
-                index.add_with_ids(np.ascontiguousarray(self.tables[T.ITEM_VECTORS][live]),
-                                   live.astype(np.int64))
+                index.add_with_ids(self.vectors(T.ITEM_VECTORS, live), live.astype(np.int64))
             self._faiss = index
         seen = self.seen(row)
         fetch = min(k + len(seen), self._faiss.ntotal)

@@ -61,6 +61,15 @@ CHUNK_FILL = "global.chunk_fill"             # (1,) stream events in it
 CHUNK_NEW_USERS = "global.chunk_new_users"   # rows allocated in it (initialised at its end)
 CHUNK_NEW_ITEMS = "global.chunk_new_items"
 
+# A vector table held as int8 codes keeps a float32 scale per row beside them, under
+# its name + ".scale" (same kind, so deltas carry it): see quant.py.
+SCALE_SUFFIX = ".scale"
+
+# What a server reads of a version (ModelState.query, seen, popular; the dashboard's last
+# event times): a serving reader decodes these (and their scales) and leaves the rest.
+SERVED = (USER_VEC, USER_HIST, USER_HIST_TS, USER_LAST_TS, ITEM_VECTORS, ITEM_IN, ITEM_POP_LOG,
+          POS_W, TRANSITION, SEEN_PTR, SEEN_ITEMS)
+
 # The ragged seen lists are not row-aligned: deltas carry them as their own CSR.
 RAGGED = (SEEN_PTR, SEEN_ITEMS)
 
