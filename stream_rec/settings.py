@@ -188,6 +188,10 @@ class StoreSettings(Section):
 
     path: str = "data/snapshots"
     keep_versions: int = Field(20, ge=2)
+    # How versions hold item.vectors, the one vector table only serving reads: float32,
+    # float16, or int8 with a float32 scale per row (69 bytes a row instead of 260 at dim
+    # 64). The training tables the worker restores from stay exact whatever this says.
+    vector_dtype: Literal["float32", "float16", "int8"] = "float32"
 
 
 MIN_KEY_CHARS = 16  # a guessable API key protects nothing
