@@ -8,6 +8,7 @@ reference, so requests in flight finish on the version they started with.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from stream_rec.index import ItemIndex
+from stream_rec.model import ModelState, quant
 from stream_rec.model import tables as T
 from stream_rec.serving.overlay import Overlay, UserClicks
 from stream_rec.snapshot import CorruptSnapshot, Snapshot, SnapshotStore
@@ -69,14 +71,29 @@ class ServingState:
     Built over the previous state when the new version was loaded as deltas on
     top of it: the index is then copied once and only the changed item rows are
     refreshed, instead of indexing every item again.
+
+    A watcher loads only the tables serving reads (:data:`~stream_rec.model.tables.SERVED`),
+    so a server holds none of the training state. The vectors among them
+    (:data:`quant.SERVING`) are held in ``vector_dtype``;
+    a version loaded over the previous state already holds them so (a delta's
+    rows take the encoding of the table they are written into), one loaded
+    whole is encoded here, once. Queries and refreshes decode only the rows
+    they read; the index is built from the decoded vectors.
     """
 
     def __init__(self, snapshot: Snapshot, previous: ServingState | None = None,
-                 index_kind: str = "flat", nprobe: int = 16) -> None:
-        self.snapshot = snapshot
+                 index_kind: str = "flat", nprobe: int = 16,
+                 vector_dtype: quant.Encoding = "float32") -> None:
+        state = snapshot.state
+        tables = quant.encoded(state.tables, quant.SERVING, vector_dtype)
+        if any(tables[n] is not state.tables.get(n) for n in tables):
+            state = ModelState(config=state.config, user_ids=state.user_ids,
+                               item_ids=state.item_ids, tables=tables)
+            snapshot = dataclasses.replace(snapshot, state=state)
+        self.snapshot = snapshot   # the next version is loaded over this one
         self.manifest = snapshot.manifest
-        self.state = snapshot.state
-        vectors = self.state.tables[T.ITEM_VECTORS]
+        self.state = state
+        self.vector_dtype = vector_dtype
         rows = snapshot.changed_items
         self.index: ItemIndex
         if previous is not None and rows is not None \
@@ -84,11 +101,13 @@ class ServingState:
                 and previous.index.kind == index_kind:
             expired = np.array([r for r in rows.tolist() if not self.state.item_ids[r]],
                                dtype=np.int64)
-            self.index = previous.index.refreshed(rows, vectors[rows], expired)
+            self.index = previous.index.refreshed(
+                rows, self.state.vectors(T.ITEM_VECTORS, rows), expired)
         else:
             ids = np.asarray(self.state.item_ids, dtype=object)
             dead = np.flatnonzero(ids == "") if len(ids) else None
-            self.index = ItemIndex.build(vectors, dead, kind=index_kind, nprobe=nprobe)
+            self.index = ItemIndex.build(self.state.vectors(T.ITEM_VECTORS), dead,
+                                         kind=index_kind, nprobe=nprobe)
         # Id lookups and the popular list are built here, on the watcher's thread,
         # never by the first request that needs them (about 0.26 s at 1M users).
         self.state.user_row("")
@@ -221,7 +240,7 @@ class ServingState:
         row = self.state.item_row(item_id)
         if row is None:
             return None
-        return Plan(self.state.tables[T.ITEM_VECTORS][row], np.array([row], dtype=np.int64))
+        return Plan(self.state.vectors(T.ITEM_VECTORS, row), np.array([row], dtype=np.int64))
 
     def answer_similar(self, item_id: str, hits: Hits) -> dict[str, Any]:
         return {"item_id": item_id, **self.meta(),
@@ -234,8 +253,10 @@ class SnapshotWatcher:
     def __init__(self, store: SnapshotStore, poll_interval_s: float = 0.1,
                  metrics: Any | None = None, index_kind: str = "flat",
                  nprobe: int = 16,
-                 on_swap: Callable[[ServingState], None] | None = None) -> None:
+                 on_swap: Callable[[ServingState], None] | None = None,
+                 vector_dtype: quant.Encoding = "float32") -> None:
         self.store = store
+        self.vector_dtype = vector_dtype
         self.on_swap = on_swap  # runs on the watcher's thread, after the swap
         self.index_kind = index_kind
         self.nprobe = nprobe
@@ -264,13 +285,15 @@ class SnapshotWatcher:
         t0 = time.perf_counter()
         current = self.current
         try:
-            snapshot = self.store.load(target, base=current.snapshot if current else None)
+            snapshot = self.store.load(target, base=current.snapshot if current else None,
+                                       tables=T.SERVED)
         except (CorruptSnapshot, OSError, ValueError) as exc:
             self._failed(target, exc, have)
             return False
         if snapshot is None:
             return False
-        new_state = ServingState(snapshot, current, self.index_kind, self.nprobe)
+        new_state = ServingState(snapshot, current, self.index_kind, self.nprobe,
+                                 self.vector_dtype)
         self._backoff_s = 0.0
         self.current = new_state  # the swap: one reference, atomic under the GIL
         load_s = time.perf_counter() - t0
