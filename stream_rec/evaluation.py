@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -229,13 +229,16 @@ def _to_arrays(events: Any) -> tuple[list[str], list[str], np.ndarray, np.ndarra
 # ------------------------------------------------------------------------- run
 def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: int = 0,
              batch_size: int = 1000, model_cfg: ModelConfig | None = None,
-             device: str = "auto", baselines: bool = True) -> dict[str, Any]:
+             device: str = "auto", baselines: bool = True,
+             served: Sequence[str] = (), served_full_every: int = 100) -> dict[str, Any]:
     """Prequential evaluation; returns the JSON result described in the module docstring.
 
     ``events``: iterable of event dicts (``user_id``, ``item_id``, ``ts`` ms,
     optional ``weight``) or the structured array of :func:`datasets.load_ml100k`.
     ``baselines=False`` runs the model alone (for ablations). The tested sample is every ``sample_every``-th event after warm-up, starting
-    at offset ``seed % sample_every``.
+    at offset ``seed % sample_every``. ``served`` also ranks each tested event
+    through the served state, once per configuration (``"int8"``, ``"float16:fp16"``,
+    see :class:`~stream_rec.served_eval.ServedConfig`), under ``result["served"]``.
     """
     cfg = model_cfg or ModelConfig()
     users, items, ts, ws = _to_arrays(events)
@@ -252,6 +255,7 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
         "cooccurrence": CooccurrenceBaseline(cfg.history),
     }
     mm = _Metrics()
+    serving = _Served(served, served_full_every) if served else None
     test_s = 0.0
     t_all = time.perf_counter()
     for b0 in range(0, n, batch_size):
@@ -263,7 +267,11 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
             nonlocal test_s
             t0 = time.perf_counter()
             if tested[b0 + j]:
-                mm.add(_model_rank(model, bu[j], bi[j]))
+                scores, seen = _model_scores(model, bu[j])
+                target = model.item_row(bi[j])
+                mm.add(None if target is None else _rank(scores, target, seen))
+                if serving is not None:
+                    serving.test(model, bu[j], bi[j], _top(model, scores, seen))
                 for bl in runners.values():
                     bl.test(bu[j], bi[j], int(bt[j]))
             for bl in runners.values():
@@ -277,8 +285,10 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
         mm.train_events += b1 - b0
     wall = time.perf_counter() - t_all
     res = mm.result()
+    extra = {} if serving is None else {"served": serving.result()}
     return {
         "model": res,
+        **extra,
         "baselines": {k: v.metrics.result() for k, v in runners.items()},
         "events_per_s": res["events_per_s"],
         "n_events": n,
@@ -289,18 +299,66 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
     }
 
 
+class _Served:
+    """Ranks through the served state (:mod:`stream_rec.served_eval`), one set per configuration,
+    and how often each served top-10 is the model's own."""
+
+    def __init__(self, specs: Sequence[str], full_every: int) -> None:
+        from .served_eval import ServedConfig, ServedRankers
+
+        self.rankers = ServedRankers([ServedConfig.parse(s) for s in specs], full_every)
+        self.metrics = {r.cfg.name: _Metrics() for r in self.rankers.rankers}
+        self.same = dict.fromkeys(self.metrics, 0)
+        self.overlap = dict.fromkeys(self.metrics, 0)
+
+    def test(self, model: StreamingModel, user: str, item: str, mine: list[str]) -> None:
+        for name, (rank, top) in self.rankers.ranks(model, user, item, K).items():
+            self.metrics[name].add(rank)
+            self.same[name] += top == mine
+            self.overlap[name] += len(set(top) & set(mine))
+
+    def result(self) -> dict[str, dict[str, Any]]:
+        self.rankers.close()
+        out = {}
+        for r in self.rankers.rankers:
+            name = r.cfg.name
+            m = self.metrics[name]
+            res: dict[str, Any] = m.result()
+            res.pop("events_per_s")
+            res.update(top10_same_as_model=self.same[name] / max(m.n, 1),
+                       overlap_at_10_with_model=self.overlap[name] / max(K * m.n, 1),
+                       store_dtype=r.cfg.store_dtype, serve_dtype=r.cfg.serve_dtype,
+                       index=r.cfg.index, served_vector_bytes=r.vector_bytes)
+            out[name] = res
+        return out
+
+
+def _model_scores(model: StreamingModel, user: str) -> tuple[np.ndarray, np.ndarray]:
+    """The model's scores (I,) of every item row for ``user`` (-inf: not a candidate) and the
+    rows excluded as seen; users without a row get decayed popularity."""
+    row = model.query_row(user)
+    live = model.live_items()
+    if row is None:
+        pop = model.fast.pop[: model.n_items]
+        return np.where(live & np.isfinite(pop), pop, -np.inf), np.zeros(0, dtype=np.int64)
+    user_scores = model.score_user(user)
+    assert user_scores is not None
+    return np.where(live, user_scores, -np.inf), model.seen_rows(row)
+
+
+def _top(model: StreamingModel, scores: np.ndarray, seen: np.ndarray) -> list[str]:
+    """The model's top-``K`` item ids from its ``scores`` (ties: lower row first)."""
+    s = scores.astype(np.float64, copy=True)
+    s[seen] = -np.inf
+    order = np.argsort(-s, kind="stable")[:K]
+    ids = model.fast.items.ids
+    return [ids[r] for r in order if np.isfinite(s[r])]
+
+
 def _model_rank(model: StreamingModel, user: str, item: str) -> int | None:
     """Rank of ``item`` in the model's answer for ``user`` (popular fallback for new users)."""
     target = model.item_row(item)
     if target is None:
         return None
-    row = model.query_row(user)
-    live = model.live_items()
-    if row is None:
-        pop = model.fast.pop[: model.n_items]
-        scores = np.where(live & np.isfinite(pop), pop, -np.inf)
-        return _rank(scores, target, ())
-    user_scores = model.score_user(user)
-    assert user_scores is not None
-    scores = np.where(live, user_scores, -np.inf)
-    return _rank(scores, target, model.seen_rows(row))
+    scores, seen = _model_scores(model, user)
+    return _rank(scores, target, seen)
