@@ -9,6 +9,7 @@ host milliseconds of the fast path, of preparing the step and of running
 On CUDA it also profiles a few chunks: kernels, device milliseconds and host
 syncs per chunk. ``--step both`` alternates the explicit step and the autograd
 reference in the same run (the machine may be shared: compare within a run).
+``--content 384`` trains with item text vectors (every item announced first).
 The last stdout line is JSON; its ``events_per_s`` is the explicit step's median.
 """
 
@@ -70,10 +71,16 @@ class OpCounter:
             self.n += p is None
 
 
-def build(cfg: ModelConfig, device: str, step: str) -> StreamingModel:
+def build(cfg: ModelConfig, device: str, step: str, n_items: int = 0) -> StreamingModel:
     model = StreamingModel(cfg, device=device)
     if step == "autograd":
         model.trainer = ReferenceTrainer(cfg, model.params)  # type: ignore[assignment]
+    if cfg.content_dim and n_items:
+        # every item announced with a (random, unit) text vector: the content step throughout
+        rng = np.random.default_rng(7)
+        x = rng.standard_normal((n_items, cfg.content_dim)).astype(np.float32)
+        model.announce([f"i{i}" for i in range(n_items)],
+                       x / np.linalg.norm(x, axis=1, keepdims=True))
     return model
 
 
@@ -86,7 +93,7 @@ def one_run(args: argparse.Namespace, cfg: ModelConfig, step: str, data: tuple) 
     """Warm up, then time ``args.batches`` batches; per-chunk host figures from the trainer."""
     users, items, ts = data
     bs = args.batch_size
-    model = build(cfg, args.device, step)
+    model = build(cfg, args.device, step, args.items)
 
     def feed(b0: int, b1: int) -> None:
         for b in range(b0, b1):
@@ -191,7 +198,7 @@ def check(args: argparse.Namespace, cfg: ModelConfig, data: tuple) -> dict[str, 
     out: dict[str, Any] = {}
     for dev, step, graphs in variants:
         name = f"{dev}-{step}" + ("" if graphs is None else ("-graphs" if graphs else "-eager"))
-        model = build(cfg, dev, step)
+        model = build(cfg, dev, step, args.items)
         if graphs is False:
             model.trainer.runner.graphs = False
         for b in range(nb):
@@ -235,6 +242,9 @@ def main() -> int:
     ap.add_argument("--check-batches", type=int, default=30)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help="override a ModelConfig field, e.g. --set steps=1")
+    ap.add_argument("--content", type=int, default=0, metavar="K",
+                    help="item text vectors of width K (384: all-MiniLM-L6-v2), every item "
+                         "announced with one before the first batch")
     args = ap.parse_args()
     if args.quick:
         args.batches, args.rounds = 20, 1
@@ -242,6 +252,8 @@ def main() -> int:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(args.threads)
     overrides = {k: json.loads(v) for k, v in (x.split("=", 1) for x in args.set)}
+    if args.content:
+        overrides["content_dim"] = args.content
     cfg = ModelConfig(dim=args.dim, **overrides)
     n = args.batch_size * (args.warmup_batches + args.batches + args.count_batches
                            + args.profile_batches)

@@ -19,60 +19,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from .model import ModelConfig, StreamingModel
-
-K = 10
-
-
-# --------------------------------------------------------------------- metrics
-class _Metrics:
-    """Accumulates HR@10, NDCG@10 and MRR over tested events."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.hits = 0.0
-        self.ndcg = 0.0
-        self.mrr = 0.0
-        self.train_s = 0.0
-        self.train_events = 0
-
-    def add(self, rank: int | None) -> None:
-        """``rank`` is 0-based among unseen candidates, ``None`` = not rankable (miss)."""
-        self.n += 1
-        if rank is None:
-            return
-        self.mrr += 1.0 / (rank + 1)
-        if rank < K:
-            self.hits += 1
-            self.ndcg += 1.0 / math.log2(rank + 2)
-
-    def result(self) -> dict[str, float]:
-        n = max(self.n, 1)
-        return {"hr@10": self.hits / n, "ndcg@10": self.ndcg / n, "mrr": self.mrr / n,
-                "events_per_s": self.train_events / self.train_s if self.train_s > 0 else 0.0}
-
-
-def _rank(scores: np.ndarray, target: int, excluded: Iterable[int]) -> int | None:
-    """0-based position of ``target`` in the served order (score desc, then row asc).
-
-    ``scores`` (I,) over candidate rows; rows in ``excluded`` (seen) are removed
-    and ``-inf`` rows are not candidates.
-    """
-    if target < 0 or target >= len(scores):
-        return None
-    s = scores.astype(np.float64, copy=True)
-    ex = np.fromiter(excluded, dtype=np.int64)
-    if len(ex):
-        s[ex] = -np.inf
-    st = s[target]
-    if not np.isfinite(st):
-        return None
-    return int((s > st).sum() + (s[:target] == st).sum())
+from .ranking import Metrics, model_rank, model_scores, model_top, rank_of
 
 
 # ------------------------------------------------------------------- baselines
@@ -82,7 +35,7 @@ class _Baseline:
     def __init__(self) -> None:
         self.items: dict[str, int] = {}
         self.seen: dict[str, set[int]] = {}
-        self.metrics = _Metrics()
+        self.metrics = Metrics()
 
     def _item(self, item: str) -> int:
         row = self.items.get(item)
@@ -94,7 +47,7 @@ class _Baseline:
         target = self.items.get(item, -1)
         scores = self.scores(user, ts) if self.items else None
         self.metrics.add(None if scores is None or target < 0
-                         else _rank(scores, target, self.seen.get(user, ())))
+                         else rank_of(scores, target, self.seen.get(user, ())))
 
     def learn(self, user: str, item: str, ts: int, w: float) -> None:
         t0 = time.perf_counter()
@@ -230,6 +183,9 @@ def _to_arrays(events: Any) -> tuple[list[str], list[str], np.ndarray, np.ndarra
 def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: int = 0,
              batch_size: int = 1000, model_cfg: ModelConfig | None = None,
              device: str = "auto", baselines: bool = True,
+             catalogue: list[dict[str, Any]] | None = None,
+             vectors: dict[str, np.ndarray] | None = None,
+             content_alpha: float = 1.5,
              served: Sequence[str] = (), served_full_every: int = 100) -> dict[str, Any]:
     """Prequential evaluation; returns the JSON result described in the module docstring.
 
@@ -239,6 +195,12 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
     at offset ``seed % sample_every``. ``served`` also ranks each tested event
     through the served state, once per configuration (``"int8"``, ``"float16:fp16"``,
     see :class:`~stream_rec.served_eval.ServedConfig`), under ``result["served"]``.
+
+    With ``catalogue`` (item dicts with ``item_id`` and ``ts``) and ``vectors``
+    (item id -> text vector), the same run also trains the model with content
+    and adds ``"content"`` to the result (:mod:`stream_rec.evaluation_content`):
+    both models ranked on the sample, on the cold slice and on announced items'
+    first events, with the serving content term at ``content_alpha``.
     """
     cfg = model_cfg or ModelConfig()
     users, items, ts, ws = _to_arrays(events)
@@ -247,6 +209,14 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
     tested = np.zeros(n, dtype=bool)
     if sample_every > 0 and start < n:
         tested[start + (seed % sample_every)::sample_every] = True
+    slices = None
+    extra = np.zeros(n, dtype=bool)          # events ranked for the content comparison only
+    base_ranks: dict[int, int | None] = {}
+    if vectors is not None:
+        from .evaluation_content import content_slices
+
+        slices = content_slices(items, ts, start, tested, catalogue or [])
+        extra = slices["cold"] | slices["first"]
     model = StreamingModel(cfg, device=device)
     with_baselines = baselines
     runners: dict[str, _Baseline] = {} if not with_baselines else {
@@ -254,8 +224,12 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
         "decayed_popularity": DecayedPopularityBaseline(cfg.pop_half_life_ms),
         "cooccurrence": CooccurrenceBaseline(cfg.history),
     }
-    mm = _Metrics()
-    serving = _Served(served, served_full_every) if served else None
+    mm = Metrics()
+    serving = None
+    if served:
+        from .served_eval import ServedMetrics
+
+        serving = ServedMetrics(served, served_full_every)
     test_s = 0.0
     t_all = time.perf_counter()
     for b0 in range(0, n, batch_size):
@@ -266,12 +240,19 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
                    bt: np.ndarray = bt, bw: np.ndarray = bw) -> None:
             nonlocal test_s
             t0 = time.perf_counter()
-            if tested[b0 + j]:
-                scores, seen = _model_scores(model, bu[j])
-                target = model.item_row(bi[j])
-                mm.add(None if target is None else _rank(scores, target, seen))
-                if serving is not None:
-                    serving.test(model, bu[j], bi[j], _top(model, scores, seen))
+            k = b0 + j
+            if tested[k] or extra[k]:
+                if tested[k] and serving is not None:   # the model's top-10 beside its rank
+                    scores, seen = model_scores(model, bu[j])
+                    target = model.item_row(bi[j])
+                    rank = None if target is None else rank_of(scores, target, seen)
+                    serving.test(model, bu[j], bi[j], model_top(model, scores, seen))
+                else:
+                    rank = model_rank(model, bu[j], bi[j])
+                if slices is not None:
+                    base_ranks[k] = rank
+            if tested[k]:
+                mm.add(rank)
                 for bl in runners.values():
                     bl.test(bu[j], bi[j], int(bt[j]))
             for bl in runners.values():
@@ -285,10 +266,17 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
         mm.train_events += b1 - b0
     wall = time.perf_counter() - t_all
     res = mm.result()
-    extra = {} if serving is None else {"served": serving.result()}
+    out: dict[str, Any] = {} if serving is None else {"served": serving.result()}
+    if slices is not None:
+        from .evaluation_content import content_pass
+
+        assert vectors is not None
+        out["content"] = content_pass(users, items, ts, ws, cfg, device, batch_size,
+                                      catalogue or [], vectors, slices, base_ranks,
+                                      content_alpha)
+        wall = time.perf_counter() - t_all
     return {
         "model": res,
-        **extra,
         "baselines": {k: v.metrics.result() for k, v in runners.items()},
         "events_per_s": res["events_per_s"],
         "n_events": n,
@@ -296,69 +284,5 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
         "batch_size": batch_size,
         "device": str(model.device),
         "wall_s": wall,
+        **out,
     }
-
-
-class _Served:
-    """Ranks through the served state (:mod:`stream_rec.served_eval`), one set per configuration,
-    and how often each served top-10 is the model's own."""
-
-    def __init__(self, specs: Sequence[str], full_every: int) -> None:
-        from .served_eval import ServedConfig, ServedRankers
-
-        self.rankers = ServedRankers([ServedConfig.parse(s) for s in specs], full_every)
-        self.metrics = {r.cfg.name: _Metrics() for r in self.rankers.rankers}
-        self.same = dict.fromkeys(self.metrics, 0)
-        self.overlap = dict.fromkeys(self.metrics, 0)
-
-    def test(self, model: StreamingModel, user: str, item: str, mine: list[str]) -> None:
-        for name, (rank, top) in self.rankers.ranks(model, user, item, K).items():
-            self.metrics[name].add(rank)
-            self.same[name] += top == mine
-            self.overlap[name] += len(set(top) & set(mine))
-
-    def result(self) -> dict[str, dict[str, Any]]:
-        self.rankers.close()
-        out = {}
-        for r in self.rankers.rankers:
-            name = r.cfg.name
-            m = self.metrics[name]
-            res: dict[str, Any] = m.result()
-            res.pop("events_per_s")
-            res.update(top10_same_as_model=self.same[name] / max(m.n, 1),
-                       overlap_at_10_with_model=self.overlap[name] / max(K * m.n, 1),
-                       store_dtype=r.cfg.store_dtype, serve_dtype=r.cfg.serve_dtype,
-                       index=r.cfg.index, served_vector_bytes=r.vector_bytes)
-            out[name] = res
-        return out
-
-
-def _model_scores(model: StreamingModel, user: str) -> tuple[np.ndarray, np.ndarray]:
-    """The model's scores (I,) of every item row for ``user`` (-inf: not a candidate) and the
-    rows excluded as seen; users without a row get decayed popularity."""
-    row = model.query_row(user)
-    live = model.live_items()
-    if row is None:
-        pop = model.fast.pop[: model.n_items]
-        return np.where(live & np.isfinite(pop), pop, -np.inf), np.zeros(0, dtype=np.int64)
-    user_scores = model.score_user(user)
-    assert user_scores is not None
-    return np.where(live, user_scores, -np.inf), model.seen_rows(row)
-
-
-def _top(model: StreamingModel, scores: np.ndarray, seen: np.ndarray) -> list[str]:
-    """The model's top-``K`` item ids from its ``scores`` (ties: lower row first)."""
-    s = scores.astype(np.float64, copy=True)
-    s[seen] = -np.inf
-    order = np.argsort(-s, kind="stable")[:K]
-    ids = model.fast.items.ids
-    return [ids[r] for r in order if np.isfinite(s[r])]
-
-
-def _model_rank(model: StreamingModel, user: str, item: str) -> int | None:
-    """Rank of ``item`` in the model's answer for ``user`` (popular fallback for new users)."""
-    target = model.item_row(item)
-    if target is None:
-        return None
-    scores, seen = _model_scores(model, user)
-    return _rank(scores, target, seen)

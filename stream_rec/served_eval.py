@@ -33,6 +33,7 @@ from stream_rec.index.item_index import KINDS
 from stream_rec.model import ModelState, delta_from_state, quant
 from stream_rec.model import tables as T
 from stream_rec.model.delta import seen_slices
+from stream_rec.ranking import K, Metrics
 from stream_rec.serving.state import SnapshotWatcher
 from stream_rec.snapshot import Manifest, SnapshotStore
 
@@ -172,3 +173,37 @@ class ServedRankers:
     def close(self) -> None:
         for r in self.rankers:
             r.close()
+
+
+class ServedMetrics:
+    """HR@10, NDCG@10 and MRR through the served state, one set per configuration, and how
+    often (and how much) each served top-10 is the model's own."""
+
+    def __init__(self, specs: Sequence[str], full_every: int = 100) -> None:
+        self.rankers = ServedRankers([ServedConfig.parse(s) for s in specs], full_every)
+        self.metrics = {r.cfg.name: Metrics() for r in self.rankers.rankers}
+        self.same = dict.fromkeys(self.metrics, 0)
+        self.overlap = dict.fromkeys(self.metrics, 0)
+
+    def test(self, model: Any, user: str, item: str, mine: list[str]) -> None:
+        """Rank ``item`` for ``user`` in every configuration; ``mine``: the model's top-10."""
+        for name, (rank, top) in self.rankers.ranks(model, user, item, K).items():
+            self.metrics[name].add(rank)
+            self.same[name] += top == mine
+            self.overlap[name] += len(set(top) & set(mine))
+
+    def result(self) -> dict[str, dict[str, Any]]:
+        """Per configuration name: the metrics, the agreement with the model, the bytes held."""
+        self.rankers.close()
+        out = {}
+        for r in self.rankers.rankers:
+            name = r.cfg.name
+            m = self.metrics[name]
+            res: dict[str, Any] = dict(m.result())
+            res.pop("events_per_s")
+            res.update(top10_same_as_model=self.same[name] / max(m.n, 1),
+                       overlap_at_10_with_model=self.overlap[name] / max(K * m.n, 1),
+                       store_dtype=r.cfg.store_dtype, serve_dtype=r.cfg.serve_dtype,
+                       index=r.cfg.index, served_vector_bytes=r.vector_bytes)
+            out[name] = res
+        return out

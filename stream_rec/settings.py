@@ -225,6 +225,11 @@ class ServeSettings(Section):
     # Only these partitions (None: all) -- for replicas that answer only the users of
     # some partitions, behind a router that sends each user to the replica of its partition.
     follow_partitions: list[int] | None = None
+    # Weight of the content term for young items (stream_rec.model.content): with a
+    # version that has item text, a user who browses the tail gets items with few
+    # events and similar text lifted by alpha * gate * cosine. 0 = off. 1.5 is the
+    # best measured on ML-100K (docs/CONTENT.md).
+    content_alpha: float = Field(1.5, ge=0)
 
     # With workers > 1 the processes share their metric values through files here, so that
     # /metrics answers the same sums whichever process serves the scrape. Emptied at start;

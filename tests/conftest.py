@@ -13,9 +13,15 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 from stream_rec.broker import LocalBroker, free_port
 from stream_rec.settings import KafkaSettings
+
+# The suite runs beside brokers, workers and servers on few cores: torch's own thread
+# pool would wait for threads that are not scheduled (a parallel region is as slow as
+# its slowest thread), so in-process tests use one.
+torch.set_num_threads(1)
 
 
 def _docker_answers() -> bool:

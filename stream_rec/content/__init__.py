@@ -17,7 +17,8 @@ from .encoder import (
     content_key,
     item_text,
 )
-from .featurizer import Featurizer, featurizer_from_settings
+from .featurizer import Featurizer, LazyEncoder, catalogue_vectors, featurizer_from_settings
 
 __all__ = ["DIM", "MODEL_NAME", "EmbeddingCache", "Encoder", "EncoderUnavailable", "Featurizer",
-           "SentenceEncoder", "content_key", "featurizer_from_settings", "item_text"]
+           "LazyEncoder", "SentenceEncoder", "catalogue_vectors", "content_key",
+           "featurizer_from_settings", "item_text"]

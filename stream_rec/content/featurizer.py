@@ -20,13 +20,16 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
+from stream_rec.faults import failpoint
+
 from .cache import EmbeddingCache
-from .encoder import Encoder, SentenceEncoder, content_key, item_text
+from .encoder import DIM, MODEL_NAME, Encoder, SentenceEncoder, content_key, item_text
 
 if TYPE_CHECKING:
     from stream_rec.settings import ContentSettings
@@ -54,6 +57,7 @@ class Featurizer:
         self._pending: OrderedDict[str, tuple[str, str]] = OrderedDict()  # id -> (key, text)
         self._inflight: dict[str, str] = {}   # id -> key of the batch being encoded
         self._ready: dict[str, np.ndarray] = {}
+        self._failed: list[str] = []          # ids whose batch failed, not yet taken
         self._closing = False
         self.submitted = 0
         self.cache_hits = 0      # answered at submit from memory, or by the thread from disk
@@ -107,6 +111,18 @@ class Featurizer:
             out, self._ready = self._ready, {}
         return out
 
+    def take_failed(self) -> list[str]:
+        """Ids whose batch failed in the encoder since the previous call (not retried:
+        submit them again to retry)."""
+        with self._cond:
+            out, self._failed = self._failed, []
+        return out
+
+    def waiting(self, item_id: str) -> bool:
+        """Is a text of ``item_id`` still waiting for, or inside, the encoder?"""
+        with self._cond:
+            return item_id in self._pending or item_id in self._inflight
+
     @property
     def pending(self) -> int:
         """Items waiting for, or inside, the encoder."""
@@ -152,12 +168,15 @@ class Featurizer:
                         del self._inflight[item_id]
                         if key in vectors:
                             self._ready[item_id] = vectors[key]
+                        else:
+                            self._failed.append(item_id)
                 self._cond.notify_all()
 
     def _vectors(self, batch: list[tuple[str, str, str]]) -> dict[str, np.ndarray]:
         """key -> vector for a batch: the disk cache first, the encoder for the rest."""
         texts = {key: text for _, key, text in batch}
         try:
+            failpoint("featurize")  # a slow encoder, for tests: every batch waits here
             found = self.cache.get_many(texts)
             missing = [k for k in texts if k not in found]
             if missing:
@@ -198,10 +217,66 @@ class Featurizer:
         self.close()
 
 
+class LazyEncoder:
+    """The sentence encoder, loaded by the first call that needs it.
+
+    A featurizer encodes on its own thread, so the seconds of loading are
+    spent there, never on the training thread; and a run whose texts are all
+    in the cache (a restart, a replay) never loads it at all. Whether the
+    optional dependencies are installed is checked at once, so a missing
+    extra fails at start-up rather than in the encoder thread.
+    """
+
+    dim = DIM
+    name = MODEL_NAME
+
+    def __init__(self, model_dir: str | Path = "data/models", device: str = "auto",
+                 batch_size: int = 64) -> None:
+        from .encoder import wheel_model_zip
+
+        wheel_model_zip()  # raises EncoderUnavailable naming the pip command
+        self.model_dir, self.device, self.batch_size = model_dir, device, batch_size
+        self._lock = threading.Lock()
+        self._encoder: SentenceEncoder | None = None
+        self.load_s = 0.0
+
+    @property
+    def loaded(self) -> bool:
+        return self._encoder is not None
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        with self._lock:
+            if self._encoder is None:
+                t0 = time.perf_counter()
+                self._encoder = SentenceEncoder(self.model_dir, self.device, self.batch_size)
+                self.load_s = time.perf_counter() - t0
+                log.info("sentence encoder loaded in %.1f s", self.load_s)
+        return self._encoder.encode(texts)
+
+
 def featurizer_from_settings(cfg: ContentSettings) -> Featurizer:
-    """The sentence encoder, the cache and the featurizer as ``Settings.content`` says."""
-    encoder = SentenceEncoder(cfg.model_dir, device=cfg.device, batch_size=cfg.batch_size)
+    """The sentence encoder (loaded when first needed), the cache and the featurizer as
+    ``Settings.content`` says."""
+    encoder = LazyEncoder(cfg.model_dir, device=cfg.device, batch_size=cfg.batch_size)
     cache = EmbeddingCache(cfg.cache_dir or None, memory_items=cfg.memory_items,
                            dim=encoder.dim)
     return Featurizer(encoder, cache, batch_size=cfg.batch_size, max_pending=cfg.max_pending,
                       attributes=cfg.attributes, owns_cache=True)
+
+
+def catalogue_vectors(items: Iterable[Mapping[str, Any]], cfg: ContentSettings
+                      ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Every item's text vector, waiting for the encoder (for tools and the evaluator).
+
+    Through the same featurizer and cache as the worker, so a second run (or a
+    worker after it) encodes nothing. Returns (item id -> (dim,) float32, the
+    featurizer's counters).
+    """
+    with featurizer_from_settings(cfg) as fz:
+        fz.submit_many(items)
+        fz.wait_idle()
+        out = fz.take_ready()
+        if fz.take_failed():
+            raise RuntimeError("the sentence encoder failed on part of the catalogue "
+                               "(see the log)")
+        return out, fz.stats()

@@ -29,6 +29,7 @@ class Reason(str, Enum):
     BAD_CATEGORIES = "bad_categories"  # catalogue: categories not a list of short strings
     BAD_ATTRIBUTES = "bad_attributes"  # catalogue: attributes not an object of scalars
     MODEL_POISONED = "model_poisoned"  # its batch made the model non-finite (worker/loop.py)
+    ENCODER_FAILED = "encoder_failed"  # catalogue: the sentence encoder failed on its text
     OTHER = "other"  # a letter written by something other than the contract
 
 

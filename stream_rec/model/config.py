@@ -80,11 +80,25 @@ class ModelConfig(BaseModel):
     pop_half_life_ms: int = Field(86_400_000, gt=0, description="half-life of the popularity term")
     pop_weight: float = Field(0.0, description="weight of log decayed popularity in the score")
 
+    # item content (docs/CONTENT.md): an item's vector is its free row + text vector @ W
+    content_dim: int = Field(0, ge=0, description="width K of the items' text vectors (384 for "
+                             "all-MiniLM-L6-v2); 0 = no content: the model is exactly the one "
+                             "without it")
+    content_lr: float = Field(0.01, gt=0, description="Adagrad rate of W (K, D), the projection "
+                              "of text vectors into the item space, trained with the rows")
+    content_init_std: float = Field(0.05, ge=0, description="initial std of W")
+
     @model_validator(mode="after")
     def _shared_needs_admission(self) -> ModelConfig:
         if self.shared_rows > 0 and self.admit_after <= 1:
             raise ValueError("shared_rows needs admission on (admit_after >= 2): only ids "
                              "waiting for admission use the shared rows")
+        return self
+
+    @model_validator(mode="after")
+    def _content_needs_tied(self) -> ModelConfig:
+        if self.content_dim and not self.tied:
+            raise ValueError("content_dim > 0 needs tied = true (one item table)")
         return self
 
 
@@ -97,6 +111,7 @@ FIXED_ON_RESTORE = {
     "tied": "whether item.in is a copy of item.out",
     "shared_rows": "the rows reserved at the start of the user and item tables",
     "pop_half_life_ms": "the decay already folded into item.pop_log",
+    "content_dim": "the width of item.text and of W (global.content_w)",
 }
 
 # Fields that did not exist in older states, with the value that reproduces how those

@@ -37,7 +37,7 @@ def row_tables(model: ModelCore, urows: np.ndarray | slice, irows: np.ndarray | 
             return to_numpy(t[rows])
         return t[torch.as_tensor(rows, device=dev)].detach().to("cpu").numpy()
 
-    return {
+    out = {
         T.USER_VEC: pick(p.user_vec, urows),
         T.USER_ACC: pick(p.user_acc, urows),
         T.USER_HIST: f.hist[urows].copy(),
@@ -55,6 +55,9 @@ def row_tables(model: ModelCore, urows: np.ndarray | slice, irows: np.ndarray | 
         T.ITEM_LAST_TS: f.i_last[irows].copy(),
         T.ITEM_EVENTS: f.i_events[irows].copy(),
     }
+    if model.cfg.content_dim:
+        out[T.ITEM_TEXT] = pick(p.item_text, irows)
+    return out
 
 
 def seen_csr(model: ModelCore, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -91,6 +94,8 @@ def global_tables(model: ModelCore) -> dict[str, np.ndarray]:
         T.CHUNK_FILL: one(chunk.filled),
         T.CHUNK_NEW_USERS: np.asarray(chunk.new_users, dtype=np.int64),
         T.CHUNK_NEW_ITEMS: np.asarray(chunk.new_items, dtype=np.int64),
+        **({T.CONTENT_W: to_numpy(p.content_w), T.CONTENT_ACC: to_numpy(p.content_acc)}
+           if model.cfg.content_dim else {}),
     }
 
 
@@ -194,6 +199,12 @@ def restore(model: ModelCore, state: ModelState, built_with: ModelConfig) -> Non
     p.pos_acc = whole(t[T.POS_ACC])
     p.transition = whole(t[T.TRANSITION])
     p.transition_acc = whole(t[T.TRANSITION_ACC])
+    if model.cfg.content_dim:
+        put(p.item_text, t[T.ITEM_TEXT])
+        p.has_text[:ni] = t[T.ITEM_TEXT].any(axis=1)
+        p.n_text = int(p.has_text.sum())
+        p.content_w = whole(t[T.CONTENT_W])
+        p.content_acc = whole(t[T.CONTENT_ACC])
     model.step = int(t[T.STEP][0])
     tr, wm = int(t[T.T_REF][0]), int(t[T.WATERMARK][0])
     f.t_ref = None if tr < 0 and wm < 0 else tr

@@ -80,6 +80,19 @@ class IdTable:
                 if self.pending_max > 0 and len(self.pending) > self.pending_max:
                     self.pending.popitem(last=False)
                 return (h % self.shared if self.shared else -1), False
+        return self._allocate(key), True
+
+    def admit(self, key: str) -> tuple[int, bool]:
+        """(row, is_new) for ``key``, admitted at once whatever its count (an item the
+        catalogue announces: it needs a row before anyone clicks it)."""
+        row = self.index.get(key)
+        if row is not None:
+            return row, False
+        if self.pending:
+            self.pending.pop(id_hash(key), None)
+        return self._allocate(key), True
+
+    def _allocate(self, key: str) -> int:
         if self.free:
             row = self.free.pop()
             self.ids[row] = key
@@ -93,7 +106,7 @@ class IdTable:
         self.index[key] = row
         self._live[row] = True
         self.n_live += 1
-        return row, True
+        return row
 
     def release(self, row: int) -> None:
         """Free ``row``: its id is forgotten and the row reused by a later new id."""

@@ -31,6 +31,13 @@ class Params:
     ``pos_w`` / ``pos_acc`` (H, NB) weight per (history slot, age bucket);
     ``transition`` / ``transition_acc`` (D, D). All float32. ``full[name]`` is
     the storage of a row table, scratch row 0 included ((cap + 1, ...)).
+
+    With ``content_dim`` K > 0 (tied only): ``item_text`` (capI, K) float16, each
+    item's text vector (zero: none), ``content_w`` / ``content_acc`` (K, D) the
+    projection W and its Adagrad sums, and ``has_text`` (capI,) bool, the host's
+    record of which rows have one. An item's vector is then ``item_out[r] +
+    item_text[r] @ W``: ``item_out`` holds only its free part, so a change of W
+    never rewrites the rows.
     """
 
     ITEM_ROWS = ("item_in", "item_out", "item_bias", "acc_in", "acc_out", "acc_bias")
@@ -50,6 +57,14 @@ class Params:
         self.pos_acc = torch.zeros(H, n_buckets(cfg), **f32)
         self.transition = torch.zeros(D, D, **f32)
         self.transition_acc = torch.zeros(D, D, **f32)
+        K = cfg.content_dim
+        self.has_text = np.zeros(capacity, dtype=bool)
+        self.n_text = 0                     # rows with a text vector (host count)
+        if K:
+            self._set("item_text", torch.zeros(capacity + 1, K, dtype=torch.float16,
+                                               device=device))
+            self.content_w = torch.from_numpy(initial_content_w(cfg)).to(device)
+            self.content_acc = torch.zeros(K, D, **f32)
 
     def _set(self, name: str, full: torch.Tensor) -> None:
         self.full[name] = full
@@ -60,10 +75,17 @@ class Params:
             self._set(name, _grow(self.full[name], cap + 1))
 
     def grow_items(self, cap: int) -> None:
-        for name in self.ITEM_ROWS:
+        for name in self._item_rows():
             if not (self.cfg.tied and name == "item_in"):
                 self._set(name, _grow(self.full[name], cap + 1))
         self._tie()
+        if len(self.has_text) < cap:
+            grown = np.zeros(cap, dtype=bool)
+            grown[:len(self.has_text)] = self.has_text
+            self.has_text = grown
+
+    def _item_rows(self) -> tuple[str, ...]:
+        return self.ITEM_ROWS + (("item_text",) if self.cfg.content_dim else ())
 
     def _tie(self) -> None:
         """Tied: ``item_in`` is ``item_out`` (one tensor), so they can never differ."""
@@ -78,6 +100,8 @@ class Params:
         """
         ts = list(self.full.values()) + [self.pos_w, self.pos_acc, self.transition,
                                          self.transition_acc]
+        if self.cfg.content_dim:
+            ts += [self.content_w, self.content_acc]
         return tuple((t.data_ptr(), t.shape[0]) for t in ts)
 
     def to_device(self, a: np.ndarray) -> torch.Tensor:
@@ -100,11 +124,14 @@ class Params:
         self.user_acc[r] = 0.0
 
     def init_items(self, rows: list[int], step: int) -> None:
-        """New items start small and random, drawn from ``(seed, 1, step)``."""
+        """New items start small and random, drawn from ``(seed, 1, step)``; an item that
+        has a text vector starts with a zero free part (its vector is its content, ``x W``)."""
         cfg = self.cfg
         arr = np.asarray(rows, dtype=np.int64)
         rng = np.random.default_rng([cfg.seed, 1, step])
         init = rng.standard_normal((2, len(arr), cfg.dim)).astype(np.float32) * cfg.init_std
+        if self.n_text:
+            init[:, self.has_text[arr]] = 0.0
         r = self.rows(arr)
         vals = self.to_device(init)
         if not cfg.tied:
@@ -120,9 +147,23 @@ class Params:
 
     def clear_items(self, rows: np.ndarray) -> None:
         r = self.rows(rows)
-        for name in self.ITEM_ROWS:
+        for name in self._item_rows():
             if not (self.cfg.tied and name == "item_in"):
                 getattr(self, name)[r] = 0.0
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.n_text and len(rows):
+            self.n_text -= int(self.has_text[rows].sum())
+            self.has_text[rows] = False
+
+    def set_text(self, rows: np.ndarray, vectors: np.ndarray) -> None:
+        """Rows ``rows`` (B,) get text vectors ``vectors`` (B, K) (stored as float16)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return
+        vals = np.ascontiguousarray(vectors, dtype=np.float16).reshape(len(rows), -1)
+        self.item_text[self.rows(rows)] = self.to_device(vals)
+        self.has_text[rows] = vals.any(axis=1)
+        self.n_text = int(self.has_text.sum())
 
 
 def n_buckets(cfg: ModelConfig) -> int:
@@ -135,6 +176,13 @@ def initial_pos_w(cfg: ModelConfig) -> np.ndarray:
     h = np.arange(cfg.history, dtype=np.float32)
     w = (cfg.recency ** h).astype(np.float32)
     return np.repeat(w[:, None], n_buckets(cfg), axis=1)
+
+
+def initial_content_w(cfg: ModelConfig) -> np.ndarray:
+    """W (K, D) float32 at the start: small and random, drawn from ``(seed, 4)``."""
+    rng = np.random.default_rng([cfg.seed, 4])
+    w = rng.standard_normal((cfg.content_dim, cfg.dim)) * cfg.content_init_std
+    return w.astype(np.float32)
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:

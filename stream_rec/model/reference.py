@@ -197,15 +197,23 @@ def sgd_step(p: Params, cfg: ModelConfig, b: AutogradBatch) -> None:
     t_hr = torch.as_tensor(b.hist_rows, device=dev)
     t_c = torch.as_tensor(b.cand, device=dev)
     U = p.user_vec[t_uu].requires_grad_(c.use_user_vector)
+    content = c.content_dim > 0 and p.n_text > 0
     if c.tied:
         rows = np.union1d(b.hist_rows, b.cand)
         t_r = torch.as_tensor(rows, device=dev)
         Er = p.item_out[t_r].requires_grad_(True)
-        Ei = Er[torch.as_tensor(np.searchsorted(rows, b.hist_rows), device=dev)]
-        Eo = Er[torch.as_tensor(np.searchsorted(rows, b.cand), device=dev)]
+        Ee = Er                                  # effective rows: free + text @ W
+        if content:
+            Wc = p.content_w.clone().requires_grad_(True)
+            Ee = Er + p.item_text[t_r].to(torch.float32) @ Wc
+        at_hist = torch.as_tensor(np.searchsorted(rows, b.hist_rows), device=dev)
+        at_cand = torch.as_tensor(np.searchsorted(rows, b.cand), device=dev)
+        Ei, Eo = Ee[at_hist], Ee[at_cand]
+        Fi, Fo = Er[at_hist], Er[at_cand]        # L2 acts on the free rows
     else:
         Ei = p.item_in[t_hr].requires_grad_(True)
         Eo = p.item_out[t_c].requires_grad_(True)
+        Fi, Fo = Ei, Eo
     Bc = p.item_bias[t_c].requires_grad_(True)
     pw = p.pos_w.clone().requires_grad_(True)
     # weighted sum of history input embeddings, one bag per event (N, D)
@@ -246,10 +254,11 @@ def sgd_step(p: Params, cfg: ModelConfig, b: AutogradBatch) -> None:
     ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
     loss = (ce * torch.as_tensor(b.weight, device=dev)).sum()
     if c.l2 > 0:
-        loss = loss + c.l2 * (Ei.pow(2).sum() + Eo.pow(2).sum() + U.pow(2).sum())
+        loss = loss + c.l2 * (Fi.pow(2).sum() + Fo.pow(2).sum() + U.pow(2).sum())
     params = [Er, Er, Bc, pw] if c.tied else [Ei, Eo, Bc, pw]
     params += [U] if c.use_user_vector else []
     params += [Mv] if c.transition else []
+    params += [Wc] if content else []
     grads = torch.autograd.grad(loss, params[1:] if c.tied else params)
     if c.tied:  # the tied table's gradient arrives through the output side
         grads = (None,) + grads  # type: ignore[assignment]
@@ -269,9 +278,13 @@ def sgd_step(p: Params, cfg: ModelConfig, b: AutogradBatch) -> None:
         if c.use_user_vector:
             _adagrad_rows(p.user_vec, p.user_acc, t_uu, U, grads[4], lr, c.acc_decay)
         if c.transition:
-            g = grads[-1]
+            g = grads[4 + c.use_user_vector]
             p.transition_acc += g.pow(2)
             p.transition -= c.pos_lr_scale * lr * g / (p.transition_acc.sqrt() + 1e-8)
+        if content:
+            g = grads[-1]
+            p.content_acc.mul_(c.acc_decay).add_(g.pow(2))
+            p.content_w -= c.content_lr * g / (p.content_acc.sqrt() + 1e-8)
 
 
 def _adagrad_rows(table: torch.Tensor, acc: torch.Tensor, rows: torch.Tensor,

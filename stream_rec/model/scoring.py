@@ -14,7 +14,11 @@ from .core import ModelCore
 
 
 def user_query(model: ModelCore, rows: np.ndarray) -> torch.Tensor:
-    """Query vectors (B, D + 1) on device from the current fast-path history."""
+    """Query vectors (B, D + 1 [+ K]) on device from the current fast-path history.
+
+    With content the query is ``[s q, 1, s q Wᵀ]`` against the items'
+    ``[free, bias, text]`` (see :meth:`ModelState.query_history`).
+    """
     p, fast, cfg, dev = model.params, model.fast, model.cfg, model.device
     hist = torch.as_tensor(fast.hist[rows], device=dev)                       # (B, H)
     bucket = torch.as_tensor(fast.buckets(fast.hist_ts[rows]), device=dev)
@@ -22,12 +26,19 @@ def user_query(model: ModelCore, rows: np.ndarray) -> torch.Tensor:
     wts = p.pos_w[slots.expand_as(bucket), bucket] * (hist >= 0).to(torch.float32)
     emb = p.item_in[hist.clamp_min(0)]
     q = torch.einsum("bhd,bh->bd", emb, wts)
+    if cfg.content_dim:
+        text = p.item_text[hist.clamp_min(0)].to(torch.float32)              # (B, H, K)
+        q = q + torch.einsum("bhk,bh->bk", text, wts) @ p.content_w
+        emb = emb + text @ p.content_w if cfg.transition else emb
     if cfg.transition:
         q = q + (emb[:, 0] * (hist[:, :1] >= 0).to(torch.float32)) @ p.transition
     if cfg.use_user_vector:
         q = q + p.user_vec[torch.as_tensor(rows, device=dev)]
     q = q * cfg.scale
-    return torch.cat([q, torch.ones(len(rows), 1, device=dev)], dim=1)
+    parts = [q, torch.ones(len(rows), 1, device=dev)]
+    if cfg.content_dim:
+        parts.append(q @ p.content_w.t())
+    return torch.cat(parts, dim=1)
 
 
 def item_vectors(model: ModelCore, rows: np.ndarray | slice | None = None
@@ -47,13 +58,25 @@ def item_vectors(model: ModelCore, rows: np.ndarray | slice | None = None
     return torch.cat([p.item_out[t_rows], extra[:, None]], dim=1)
 
 
+def index_vectors(model: ModelCore, rows: np.ndarray | slice | None = None) -> torch.Tensor:
+    """What an index holds per item (R, D + 1 [+ K]): :func:`item_vectors`, then with
+    content the text vector, so that W stays in the query and out of the rows."""
+    v = item_vectors(model, rows)
+    if not model.cfg.content_dim:
+        return v
+    if rows is None:
+        rows = slice(0, model.n_items)
+    t_rows = rows if isinstance(rows, slice) else torch.as_tensor(rows, device=model.device)
+    return torch.cat([v, model.params.item_text[t_rows].to(torch.float32)], dim=1)
+
+
 def score_user(model: ModelCore, user_id: str) -> np.ndarray | None:
     """Scores (I,) float32 of every item row for a user with a (own or shared) row."""
     row = model.query_row(user_id)
     if row is None:
         return None
     q = user_query(model, np.array([row]))
-    return (item_vectors(model) @ q[0]).cpu().numpy()
+    return (index_vectors(model) @ q[0]).cpu().numpy()
 
 
 def popular_rows(model: ModelCore, k: int) -> np.ndarray:

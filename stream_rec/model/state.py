@@ -13,6 +13,14 @@ Scoring (identical in :class:`~stream_rec.model.StreamingModel`)::
 ``age_h`` buckets ``user.hist_ts[u, 0] - user.hist_ts[u, h]`` by ``time_buckets_s``.
 ``user.hist[u, 0]`` is the user's most recent item (``-1`` = empty slot), so the
 query follows the user's newest clicks as soon as the fast path has seen them.
+
+With content (``config["content_dim"]`` K > 0), an item's embedding is
+``item.out[i] + item.text[i] @ W`` (``W`` = ``global.content_w``, (K, D)); W
+stays in the query, so a change of W changes no item row::
+
+    q_u   = user.vec[u] + sum_h w_h * (item.in[h] + item.text[h] @ W)           (D,)
+    v_i   = [item.out[i], item.bias[i] + ..., item.text[i]]                     (D + 1 + K,)
+    score = [s q_u, 1, s q_u Wᵀ] . v_i  =  s q_u . (item.out[i] + item.text[i] @ W) + bias
 """
 
 from __future__ import annotations
@@ -52,7 +60,9 @@ class ModelState:
     - ``item.vectors`` (I, D + 1) f32 FAISS inner-product vectors, ``item.in`` / ``item.out``
       (I, D) f32, ``item.bias`` (I,) f32, ``item.pop_log`` (I,) f64 log decayed event count
       relative to ``global.t_ref``, ``item.last_ts``, ``item.events`` (I,) i64,
-      ``item.acc_in`` / ``item.acc_out`` / ``item.acc_bias`` (I,) f32.
+      ``item.acc_in`` / ``item.acc_out`` / ``item.acc_bias`` (I,) f32; with content
+      ``item.text`` (I, K) f16 (zero: no text) and ``global.content_w`` / ``content_acc``
+      (K, D) f32.
     - The vector tables serving reads (``item.vectors``, ``item.in``, ``user.vec``) may be
       held as float16 or as int8 codes with a float32 scale per row (``<name>.scale``):
       read them through :meth:`vectors`, which decodes only the rows asked for.
@@ -106,8 +116,32 @@ class ModelState:
         """
         return quant.take(self.tables, name, slice(None) if rows is None else rows)
 
+    @property
+    def content_dim(self) -> int:
+        """K, the width of the items' text vectors; 0 for a state without content."""
+        return int(self.config.get("content_dim", 0)) if T.ITEM_TEXT in self.tables else 0
+
+    def index_vectors(self, rows: np.ndarray | slice | None = None) -> np.ndarray:
+        """What an index holds per item row (R, D + 1 [+ K]) float32, against :meth:`query`."""
+        rows = slice(None) if rows is None else rows
+        v = self.vectors(T.ITEM_VECTORS, rows)
+        if not self.content_dim:
+            return v
+        return np.concatenate([v, self.tables[T.ITEM_TEXT][rows].astype(np.float32)], axis=1)
+
+    def item_query(self, row: int) -> np.ndarray:
+        """The query (D + 1 [+ K],) of ``/similar``: item ``row``'s own vector, its
+        content part included, against :meth:`index_vectors`."""
+        t = self.tables
+        v = self.vectors(T.ITEM_VECTORS, row)
+        if not self.content_dim:
+            return v
+        w = t[T.CONTENT_W]
+        e = v[:-1] + t[T.ITEM_TEXT][row].astype(np.float32) @ w
+        return np.concatenate([e, v[-1:], e @ w.T]).astype(np.float32)
+
     def query(self, user_rows: np.ndarray) -> np.ndarray:
-        """Query vectors (B, D + 1) float32 for user rows (B,), to score by inner product."""
+        """Query vectors (B, D + 1 [+ K]) float32 for user rows (B,), to score by inner product."""
         rows = np.asarray(user_rows, dtype=np.int64).reshape(-1)
         t = self.tables
         return self.query_history(t[T.USER_HIST][rows], t[T.USER_HIST_TS][rows], rows)
@@ -132,6 +166,12 @@ class ModelState:
         wts = pos_w[np.arange(hist.shape[1])[None, :], bucket] * mask  # (B, H)
         emb = self.vectors(T.ITEM_IN, np.where(mask, hist, 0))         # (B, H, D)
         q = np.einsum("bhd,bh->bd", emb, wts).astype(np.float32)
+        w = t[T.CONTENT_W] if self.content_dim else None
+        if w is not None:
+            text = t[T.ITEM_TEXT][np.where(mask, hist, 0)].astype(np.float32)   # (B, H, K)
+            q = q + np.einsum("bhk,bh->bk", text, wts).astype(np.float32) @ w
+            if self.config.get("transition", False):
+                emb = emb + text @ w
         if self.config.get("transition", False):
             q = q + (emb[:, 0] * mask[:, :1]) @ t[T.TRANSITION]
         if self.config.get("use_user_vector", True) and user_rows is not None:
@@ -140,8 +180,11 @@ class ModelState:
             if known.any():
                 q[known] = q[known] + self.vectors(T.USER_VEC, rows[known])
         q = q * np.float32(self.config.get("scale", 1.0))
-        out = np.ones((len(hist), q.shape[1] + 1), dtype=np.float32)
-        out[:, :-1] = q
+        D = q.shape[1]
+        out = np.ones((len(hist), D + 1 + (len(w) if w is not None else 0)), dtype=np.float32)
+        out[:, :D] = q
+        if w is not None:
+            out[:, D + 1:] = q @ w.T
         return out
 
     def seen(self, user_row: int) -> np.ndarray:
@@ -174,9 +217,10 @@ class ModelState:
 
         if self._faiss is None:
             live = np.flatnonzero(np.array([bool(i) for i in self.item_ids], dtype=bool))
-            index = faiss.IndexIDMap(faiss.IndexFlatIP(self.tables[T.ITEM_VECTORS].shape[1]))
+            vectors = self.index_vectors()
+            index = faiss.IndexIDMap(faiss.IndexFlatIP(vectors.shape[1]))
             if len(live):
-                index.add_with_ids(self.vectors(T.ITEM_VECTORS, live), live.astype(np.int64))
+                index.add_with_ids(np.ascontiguousarray(vectors[live]), live.astype(np.int64))
             self._faiss = index
         seen = self.seen(row)
         fetch = min(k + len(seen), self._faiss.ntotal)

@@ -106,6 +106,12 @@ def run_step(p: Params, cfg: ModelConfig, shape: StepShape, buf: torch.Tensor) -
     Backward: ``G = weight · (softmax − onehot(target))``; ``dq = scale · G E``;
     ``dE_out = scale · Gᵀ q``; the history rows get ``w · dq`` and the slot
     weights ``dq · E``.
+
+    With text vectors (``shape.x``; tied only), every row in the step is its
+    effective vector ``E = F + X W`` (``F`` the free row, ``X`` the text
+    vector): the step reads ``E`` everywhere above, gives its gradient ``g``
+    to the free rows (row-wise Adagrad, L2 on ``F``) and ``Xᵀ g`` to W
+    (element-wise Adagrad at ``content_lr``).
     """
     c = cfg
     f = unpack(buf, shape, cfg)
@@ -119,6 +125,12 @@ def run_step(p: Params, cfg: ModelConfig, shape: StepShape, buf: torch.Tensor) -
     # ---- forward: the query
     rows = f["rows"]
     Er = E_in.index_select(0, rows)                               # (T, D) rows, before update
+    content = shape.x
+    if content:                                                   # effective rows F + X W
+        Xr = full["item_text"].index_select(0, rows).to(torch.float32)   # (T, K)
+        Ee = torch.addmm(Er, Xr, p.content_w)
+    else:
+        Ee = Er
     pw = torch.cat([p.pos_w.reshape(-1), torch.zeros(1, device=dev)])
     psw = pw.index_select(0, f["slot"])                           # (N * H,) empty slots: 0
     if shape.csr:
@@ -126,10 +138,14 @@ def run_step(p: Params, cfg: ModelConfig, shape: StepShape, buf: torch.Tensor) -
         crow = torch.arange(0, N * H + 1, H, device=dev)
         W = torch.sparse_csr_tensor(crow, f["hist_local"], psw, (N, shape.t),
                                     check_invariants=False)
-        q = W @ Er
-        E0 = E_in.index_select(0, f["hist"].view(N, H)[:, 0]) if c.transition else None
+        q = W @ Ee
+        E0 = None
+        if c.transition:
+            E0 = Ee.index_select(0, f["hist_local"].view(N, H)[:, 0]) if content else \
+                E_in.index_select(0, f["hist"].view(N, H)[:, 0])
     else:
-        Eh = E_in.index_select(0, f["hist"]).view(N, H, D)     # empty slots: scratch row (0)
+        Eh = (Ee.index_select(0, f["hist_local"]) if content            # empty: local 0, zero
+              else E_in.index_select(0, f["hist"])).view(N, H, D)  # empty slots: scratch row (0)
         q = torch.bmm(psw.view(N, 1, H), Eh).squeeze(1)           # (N, D)
         E0 = Eh[:, 0]
     if c.transition:
@@ -141,7 +157,8 @@ def run_step(p: Params, cfg: ModelConfig, shape: StepShape, buf: torch.Tensor) -
 
     # ---- logits, softmax, G = dloss/dlogits
     cand, label, w = f["cand"], f["label"], f["weight"]
-    Eo = E_out.index_select(0, cand)                              # (C, D)
+    Eo = Ee.index_select(0, f["cand_local"]) if content \
+        else E_out.index_select(0, cand)                          # (C, D)
     bias_c = full["item_bias"].index_select(0, cand)
     b = bias_c + f["prior"]
     mask = _mask(f, c, shape, cand)
@@ -181,7 +198,7 @@ def run_step(p: Params, cfg: ModelConfig, shape: StepShape, buf: torch.Tensor) -
 
     # ---- backward into the history: slot weights (dq . E) and history rows (w dq)
     if shape.csr:
-        dpsw = torch.sparse.sampled_addmm(W, dq, Er.t(), beta=0.0).values()
+        dpsw = torch.sparse.sampled_addmm(W, dq, Ee.t(), beta=0.0).values()
         Wt = torch.sparse_csr_tensor(f["crow_t"], f["col_t"],
                                      psw.index_select(0, f["perm"]), (shape.t, N),
                                      check_invariants=False)
@@ -203,6 +220,12 @@ def run_step(p: Params, cfg: ModelConfig, shape: StepShape, buf: torch.Tensor) -
     lr, decay = c.lr, c.acc_decay
     if c.tied:
         g_rows.index_add_(0, f["cand_local"], dEo)
+        if content:                                               # W's share: Xᵀ g (K, D)
+            dW = Xr.t() @ g_rows
+            if decay != 1.0:
+                p.content_acc.mul_(decay)
+            p.content_acc.addcmul_(dW, dW)
+            p.content_w.addcdiv_(dW, p.content_acc.sqrt().add_(EPS), value=-c.content_lr)
         if c.l2 > 0:
             g_rows += f["l2coef"].unsqueeze(1) * Er
         _adagrad_rows(E_out, full["acc_out"], rows, Er, g_rows, lr, decay)   # item_in aliases it

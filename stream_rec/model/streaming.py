@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from . import export, scoring
+from . import content, export, scoring
 from .config import ModelConfig, config_of_state, restore_changes
 from .core import ModelCore, resolve_device
 from .delta import StateDelta
@@ -123,6 +123,16 @@ class StreamingModel(ModelCore):
         self.step += 1
         if all_items_changed:
             ch_i.append(np.arange(self.n_items, dtype=np.int64))
+
+    def announce(self, item_ids: Sequence[str], vectors: np.ndarray,
+                 ts_ms: int | None = None) -> Changed:
+        """Catalogue items and their text vectors (B, K): rows before any click.
+
+        See :func:`.content.announce`; the rows it changed are returned like
+        :meth:`learn`'s (they belong in the next version).
+        """
+        items = content.announce(self, item_ids, vectors, ts_ms)
+        return Changed(users=np.zeros(0, dtype=np.int64), items=items)
 
     # ------------------------------------------------------------ in-memory reads
     def score_user(self, user_id: str) -> np.ndarray | None:

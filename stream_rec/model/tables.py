@@ -35,12 +35,15 @@ ITEM_ACC_BIAS = "item.acc_bias"
 ITEM_POP_LOG = "item.pop_log"      # (I,) f64 log decayed event count, relative to t_ref
 ITEM_LAST_TS = "item.last_ts"      # (I,) i64 newest event time (ms)
 ITEM_EVENTS = "item.events"        # (I,) i64 events learned
+ITEM_TEXT = "item.text"            # (I, K) f16 text vector (0: none); only with content_dim
 
 # global.*
 POS_W = "global.pos_w"                       # (H, NB) f32 weight per (slot, age bucket)
 POS_ACC = "global.pos_acc"
 TRANSITION = "global.transition"             # (D, D) f32
 TRANSITION_ACC = "global.transition_acc"
+CONTENT_W = "global.content_w"               # (K, D) f32 text -> item space; only with
+CONTENT_ACC = "global.content_acc"           # content_dim, and its Adagrad sums
 STEP = "global.step"                         # (1,) i64 training chunks completed
 T_REF = "global.t_ref"                       # (1,) i64 reference time of pop_log (-1 none)
 WATERMARK = "global.watermark"               # (1,) i64 newest event time learned (-1 none)
@@ -65,10 +68,11 @@ CHUNK_NEW_ITEMS = "global.chunk_new_items"
 # its name + ".scale" (same kind, so deltas carry it): see quant.py.
 SCALE_SUFFIX = ".scale"
 
-# What a server reads of a version (ModelState.query, seen, popular; the dashboard's last
-# event times): a serving reader decodes these (and their scales) and leaves the rest.
+# What a server reads of a version (ModelState.query, seen, popular; the content term's
+# young items and text; the dashboard's last event times): a serving reader decodes these
+# (and their scales) and leaves the rest.
 SERVED = (USER_VEC, USER_HIST, USER_HIST_TS, USER_LAST_TS, ITEM_VECTORS, ITEM_IN, ITEM_POP_LOG,
-          POS_W, TRANSITION, SEEN_PTR, SEEN_ITEMS)
+          ITEM_EVENTS, ITEM_TEXT, POS_W, TRANSITION, CONTENT_W, SEEN_PTR, SEEN_ITEMS)
 
 # The ragged seen lists are not row-aligned: deltas carry them as their own CSR.
 RAGGED = (SEEN_PTR, SEEN_ITEMS)

@@ -45,7 +45,9 @@ class StepShape:
     candidate is a negative of every event), ``s`` (user, seen item) pairs (0:
     no seen mask). ``csr``: the history side is computed with sparse (CSR)
     products (fast on CPU) rather than gathers and ``index_add_`` (see
-    :class:`Plan`).
+    :class:`Plan`). ``x``: items have text vectors, so the step trains on
+    effective rows ``free + x W`` and updates W (:mod:`.step`); without, it is
+    exactly the step of a model without content.
     """
 
     n: int
@@ -56,6 +58,7 @@ class StepShape:
     k: int
     s: int
     csr: bool = False
+    x: bool = False
 
 
 def layout(shape: StepShape, cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -184,7 +187,7 @@ class Workspace:
 
 def prepare_chunk(cfg: ModelConfig, events: Events, replay: ReplayRing, seen: SeenLists,
                   pop: np.ndarray, n_users: int, step: int, plan: Plan | None = None,
-                  ws: Workspace | None = None) -> PreparedChunk:
+                  ws: Workspace | None = None, content: bool = False) -> PreparedChunk:
     """Host part of a chunk's ``cfg.steps`` gradient steps; independent of the parameters.
 
     Call it when the chunk closes -- after the fast path has applied exactly the
@@ -196,7 +199,8 @@ def prepare_chunk(cfg: ModelConfig, events: Events, replay: ReplayRing, seen: Se
     thread while the device trains earlier chunks; the result is plain numpy,
     picklable, and valid whatever the tables' capacity when it is run. Draws
     are seeded by ``(seed, 2, step)``, so a replay of the stream draws the
-    same negatives.
+    same negatives. ``content``: some items have text vectors (see
+    :class:`StepShape`).
     """
     plan = plan or Plan()
     ws = ws or Workspace()
@@ -207,14 +211,14 @@ def prepare_chunk(cfg: ModelConfig, events: Events, replay: ReplayRing, seen: Se
         k = min(cfg.replay_per_step, replay.size)
         if k > 0:
             batch = batch.concat(replay.draw(rng, k))
-        out.append(prepare_step(cfg, batch, rng, seen, pop, n_users, plan, ws))
+        out.append(prepare_step(cfg, batch, rng, seen, pop, n_users, plan, ws, content))
     return PreparedChunk(steps=out, users=np.concatenate([b.users for b in out]),
                          items=np.concatenate([b.items for b in out]))
 
 
 def prepare_step(cfg: ModelConfig, ev: Events, rng: np.random.Generator,
                  seen: SeenLists, pop: np.ndarray, n_users: int,
-                 plan: Plan, ws: Workspace) -> StepBatch:
+                 plan: Plan, ws: Workspace, content: bool = False) -> StepBatch:
     """Negatives, candidates, inverse indices, seen pairs and prior of one step, packed."""
     c = cfg
     live_items = len(pop)
@@ -241,7 +245,8 @@ def prepare_step(cfg: ModelConfig, ev: Events, rng: np.random.Generator,
     size = plan.size
     shape = StepShape(n=size(n_ev), h=H, q=size(len(uu)), c=size(len(cand)),
                       t=size(len(rows1)), k=size(len(shared)) if shared is not None else 0,
-                      s=size(len(pairs[0])) if pairs is not None else 0, csr=plan.csr)
+                      s=size(len(pairs[0])) if pairs is not None else 0, csr=plan.csr,
+                      x=content)
     lay = layout(shape, c)
     buf = np.zeros(lay["total"][1], dtype=np.int64)
     fbuf = buf[lay["f32"][0]:].view(np.float32)

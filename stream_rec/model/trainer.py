@@ -43,7 +43,7 @@ class Trainer:
         """:func:`prepare_chunk` with this trainer's buckets and workspace."""
         t0 = time.perf_counter()
         out = prepare_chunk(self.cfg, events, replay, seen, pop, n_users, step,
-                            self.plan, self.ws)
+                            self.plan, self.ws, content=self.params.n_text > 0)
         self.stats["prepare_s"] += time.perf_counter() - t0
         return out
 

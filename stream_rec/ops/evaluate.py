@@ -31,6 +31,16 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"events={result['n_events']} tested={result['n_tested']} "
                  f"batch={result['batch_size']} device={result['device']} "
                  f"wall={result['wall_s']:.1f}s")
+    c = result.get("content")
+    if c:
+        lines.append(f"content (alpha {c['alpha']:g}, {c['items_with_text']} items with text, "
+                     f"trained at {c['events_per_s']:,.0f} ev/s):")
+        lines.append(f"{'slice':<20} {'events':>8} {'with':>8} {'without':>8} {'no term':>8}")
+        for name, key, n in (("overall", "", result["n_tested"]),
+                             ("cold (1-9 earlier)", "cold_", c["cold_events"]),
+                             ("first, announced", "first_", c["first_events"])):
+            lines.append(f"{name:<20} {n:>8} {c[key + 'hr@10']:>8.4f} "
+                         f"{c[key + 'hr@10_without']:>8.4f} {c[key + 'hr@10_no_term']:>8.4f}")
     return "\n".join(lines)
 
 
@@ -43,10 +53,22 @@ def load_events(dataset: str) -> Any:
     return datasets.iter_file(Path(dataset))
 
 
+def load_catalogue(items: str, events: Any) -> list[dict[str, Any]]:
+    """``"ml-100k"`` -> ML-100K's catalogue (announced before first ratings); else a JSONL
+    file of catalogue items (``item_id``, ``title``, ``categories``, ``attributes``, ``ts``)."""
+    from stream_rec import datasets
+
+    if items == "ml-100k":
+        ratings = events if getattr(events, "dtype", None) is not None else None
+        return list(datasets.iter_ml100k_items(ratings=ratings))
+    with open(items, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from stream_rec.evaluation import run_eval
 
-    cfg = settings_for(args).model
+    settings = settings_for(args)
     served = [s for s in args.served.split(",") if s.strip()] if args.served else []
     if served:
         from stream_rec.served_eval import ServedConfig
@@ -55,10 +77,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
             [ServedConfig.parse(s) for s in served]
         except ValueError as exc:
             raise usage_error(f"--served: {exc}") from None
-    result = run_eval(load_events(args.dataset), warmup=args.warmup,
+    events = load_events(args.dataset)
+    catalogue = vectors = None
+    if args.items:
+        from stream_rec.content import catalogue_vectors
+
+        catalogue = load_catalogue(args.items, events)
+        vectors, stats = catalogue_vectors(catalogue, settings.content)
+        print(f"catalogue: {len(catalogue)} items, {len(vectors)} text vectors "
+              f"({stats['encoded']} encoded, {stats['cache_hits']} from the cache)", flush=True)
+    alpha = settings.serve.content_alpha if args.content_alpha is None else args.content_alpha
+    result = run_eval(events, warmup=args.warmup,
                       sample_every=args.sample_every, seed=args.seed,
-                      batch_size=args.batch_size, model_cfg=cfg, device=args.device,
-                      served=served)
+                      batch_size=args.batch_size, model_cfg=settings.model, device=args.device,
+                      catalogue=catalogue, vectors=vectors, content_alpha=alpha, served=served)
     print(format_table(result), flush=True)
     if args.json:
         print(json.dumps(result), flush=True)
@@ -81,3 +113,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "float32,int8,float16:fp16); a version is published before each "
                         "tested event")
     p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
+    p.add_argument("--items", nargs="?", const="ml-100k", default=None, metavar="CATALOGUE",
+                   help="also train the model with item text (ml-100k's catalogue, or a JSONL "
+                   "file) and compare it with the model without, overall and on cold items")
+    p.add_argument("--content-alpha", type=float, default=None,
+                   help="weight of the serving content term (default serve.content_alpha)")

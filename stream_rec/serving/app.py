@@ -29,7 +29,7 @@ from stream_rec.serving.auth import ApiKeys, BearerAuth
 from stream_rec.serving.batcher import SearchBatcher
 from stream_rec.serving.follower import TopicFollower
 from stream_rec.serving.overlay import Overlay
-from stream_rec.serving.state import ServingState, SnapshotWatcher
+from stream_rec.serving.state import ServingState, SnapshotWatcher, plan_on_newest
 from stream_rec.settings import ServeSettings, Settings
 from stream_rec.snapshot import SnapshotStore
 
@@ -123,10 +123,11 @@ def create_app(store: SnapshotStore, cfg: ServeSettings | None = None,
         if overlay is not None:
             offsets = current.manifest.offsets
             overlay.rebase(offsets.get(topic, {}) if topic else
-                           next(iter(offsets.values()), {}))
+                           next(iter(offsets.values()), {}), current.version)
 
     watcher = SnapshotWatcher(store, cfg.poll_interval_ms / 1000.0, metrics,
                               index_kind=cfg.index, nprobe=cfg.nprobe, on_swap=rebase,
+                              content_alpha=cfg.content_alpha,
                               vector_dtype=cfg.vector_dtype)
     KParam = Annotated[int, Query(ge=1, le=cfg.max_k, description="number of items")]
 
@@ -165,8 +166,10 @@ def create_app(store: SnapshotStore, cfg: ServeSettings | None = None,
     @app.get("/recommend/{user_id}", response_model=Recommended)
     async def recommend(user_id: IdParam, k: KParam = cfg.default_k) -> Response:
         """Top-k unseen items for a user; unknown users get recently popular items."""
-        current = ready()
-        plan = current.plan(user_id, overlay)
+        planned = plan_on_newest(watcher, user_id, overlay)
+        if planned is None:
+            raise HTTPException(503, "no snapshot loaded yet")
+        current, plan = planned
         hits = None
         if plan.query is not None:
             hits = await asyncio.wrap_future(
@@ -182,7 +185,7 @@ def create_app(store: SnapshotStore, cfg: ServeSettings | None = None,
             raise HTTPException(404, f"unknown item {item_id!r}")
         hits = await asyncio.wrap_future(
             batcher.search(current.index, plan.query, k, plan.exclude))
-        return _json(current.answer_similar(item_id, hits))
+        return _json(current.answer_similar(item_id, hits, plan, k))
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

@@ -35,7 +35,7 @@ from stream_rec.metrics import ServingMetrics
 from stream_rec.model import tables as T
 from stream_rec.serving.batcher import SearchBatcher
 from stream_rec.serving.overlay import Overlay
-from stream_rec.serving.state import ServingState, SnapshotWatcher
+from stream_rec.serving.state import ServingState, SnapshotWatcher, plan_on_newest
 from stream_rec.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -268,10 +268,10 @@ def router(watcher: SnapshotWatcher, metrics: ServingMetrics, batcher: SearchBat
 
     @r.get("/dashboard/user/{user_id}", include_in_schema=False)
     async def user(user_id: UserParam, k: KParam = cfg.default_k) -> Response:
-        current = watcher.current
-        if current is None:
+        planned = plan_on_newest(watcher, user_id, overlay)  # the same path as /recommend
+        if planned is None:
             raise HTTPException(503, "no snapshot loaded yet")
-        plan = current.plan(user_id, overlay)  # the same path as /recommend
+        current, plan = planned
         hits = None
         if plan.query is not None:
             hits = await asyncio.wrap_future(

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 RETRY_MAX_S = 10.0
 QUIET_PROBE_S = 2.0       # no record for this long: check that the broker still answers
 PROBE_TIMEOUT_MS = 3000
+FETCH_WAIT_MS = 10
 
 
 class TopicFollower:
@@ -42,7 +43,7 @@ class TopicFollower:
     """
 
     def __init__(self, kafka: KafkaSettings, events: EventSettings, overlay: Overlay,
-                 metrics: Any | None = None, poll_ms: int = 20,
+                 metrics: Any | None = None, poll_ms: int = 10,
                  partitions: list[int] | None = None) -> None:
         self.kafka = kafka
         self.partitions = None if partitions is None else set(partitions)
@@ -94,8 +95,11 @@ class TopicFollower:
             if self._stop.wait(0.05):
                 return
         # A short request timeout: a probe of a broker that went away answers in seconds.
+        # A fetch the broker holds while no record arrives returns as soon as one does,
+        # but a short hold bounds what a click waits for when it is not the case.
         consumer = make_consumer(self.kafka, None, auto_offset_reset="earliest",
-                                 request_timeout_ms=PROBE_TIMEOUT_MS)
+                                 request_timeout_ms=PROBE_TIMEOUT_MS,
+                                 fetch_max_wait_ms=FETCH_WAIT_MS)
         try:
             parts = consumer.partitions_for_topic(self.kafka.topic)
             while not parts:

@@ -35,6 +35,8 @@ class UserClicks:
     ts: list[int]
     seen: list[str]
     events: int
+    reach: dict[int, int]  # how far the overlay had read when these were taken
+    base_version: int | None = None  # the version whose offsets the overlay starts from
 
 
 @dataclass
@@ -66,6 +68,7 @@ class Overlay:
         self.history = history
         self.max_events = max_events
         self.base: dict[int, int] | None = None  # offsets the served version covers
+        self.base_version: int | None = None
         self.reach: dict[int, int] = {}           # next offset past the last click applied
         self._lock = threading.Lock()
         self._log: list[_Clicks] = []
@@ -112,9 +115,10 @@ class Overlay:
             self._users[u] = self._users.get(u, 0) + 1
         self.applied += len(clicks.ts)
 
-    def rebase(self, offsets: dict[int, int]) -> None:
+    def rebase(self, offsets: dict[int, int], version: int | None = None) -> None:
         """A version covering ``offsets`` is served now: keep only the clicks past them."""
         with self._lock:
+            self.base_version = version
             backward = self.base is not None and any(
                 o < self.base.get(p, 0) for p, o in offsets.items())
             self.base = dict(offsets)
@@ -150,20 +154,25 @@ class Overlay:
         self.applied = applied
 
     # -- reads ---------------------------------------------------------------
-    def clicks(self, user_id: str) -> UserClicks | None:
-        """``user_id``'s overlay clicks, or ``None`` when it holds none."""
+    def clicks(self, user_id: str) -> UserClicks:
+        """``user_id``'s overlay clicks (none: empty lists), with how far the overlay had read.
+
+        Taken under one lock, so an answer never claims to reach an offset
+        whose click its query did not include.
+        """
         with self._lock:
             fast = self._fast
             row = fast.users.get(user_id)
             if row is None:
-                return None
+                return UserClicks([], [], [], 0, dict(self.reach), self.base_version)
             ids = fast.items.ids
             hist, hts = fast.hist[row], fast.hist_ts[row]
             filled = hist >= 0
             return UserClicks(items=[ids[r] for r in hist[filled].tolist()],
                               ts=hts[filled].tolist(),
                               seen=[ids[r] for r in fast.seen.rows(row).tolist()],
-                              events=self._users.get(user_id, 0))
+                              events=self._users.get(user_id, 0), reach=dict(self.reach),
+                              base_version=self.base_version)
 
     def stats(self) -> dict[str, int]:
         with self._lock:

@@ -22,6 +22,7 @@ import numpy as np
 from stream_rec.index import ItemIndex
 from stream_rec.model import ModelState, quant
 from stream_rec.model import tables as T
+from stream_rec.model.content import YOUNG_MAX_EVENTS, text_term, young
 from stream_rec.serving.overlay import Overlay, UserClicks
 from stream_rec.snapshot import CorruptSnapshot, Snapshot, SnapshotStore
 
@@ -36,12 +37,19 @@ class Plan:
     """The search an answer needs: a query vector (D,) and the item rows it must not return.
 
     ``query`` is ``None`` when there is nothing to search (an unknown user gets
-    recently popular items instead).
+    recently popular items instead). ``scored`` (rows, scores): items already
+    scored here -- the young items, with the content term -- that the index
+    search skips (they are in ``exclude``) and the answer merges in.
     """
 
     query: np.ndarray | None
     exclude: np.ndarray
     overlay_events: int = 0  # the user's clicks past the version that the query includes
+    overlay_reach: dict[int, int] | None = None  # how far the overlay had read, at planning
+    # The overlay moved on to a newer version than this state's: the clicks that version
+    # covers are no longer in it, so the answer must be planned on the newer state.
+    stale: bool = False
+    scored: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -83,7 +91,7 @@ class ServingState:
 
     def __init__(self, snapshot: Snapshot, previous: ServingState | None = None,
                  index_kind: str = "flat", nprobe: int = 16,
-                 vector_dtype: quant.Encoding = "float32") -> None:
+                 content_alpha: float = 0.0, vector_dtype: quant.Encoding = "float32") -> None:
         state = snapshot.state
         tables = quant.encoded(state.tables, quant.SERVING, vector_dtype)
         if any(tables[n] is not state.tables.get(n) for n in tables):
@@ -101,13 +109,13 @@ class ServingState:
                 and previous.index.kind == index_kind:
             expired = np.array([r for r in rows.tolist() if not self.state.item_ids[r]],
                                dtype=np.int64)
-            self.index = previous.index.refreshed(
-                rows, self.state.vectors(T.ITEM_VECTORS, rows), expired)
+            self.index = previous.index.refreshed(rows, self.state.index_vectors(rows), expired)
         else:
             ids = np.asarray(self.state.item_ids, dtype=object)
             dead = np.flatnonzero(ids == "") if len(ids) else None
-            self.index = ItemIndex.build(self.state.vectors(T.ITEM_VECTORS), dead,
-                                         kind=index_kind, nprobe=nprobe)
+            self.index = ItemIndex.build(self.state.index_vectors(), dead, kind=index_kind,
+                                         nprobe=nprobe)
+        self.content = YoungItems.of(self.state, content_alpha)
         # Id lookups and the popular list are built here, on the watcher's thread,
         # never by the first request that needs them (about 0.26 s at 1M users).
         self.state.user_row("")
@@ -147,7 +155,8 @@ class ServingState:
         the overlay adds those read from the topic past the version's offsets.
         """
         clicks: list[Click] = []
-        if overlay is not None and (mine := overlay.clicks(user_id)) is not None:
+        if overlay is not None:
+            mine = overlay.clicks(user_id)
             clicks = [Click(i, int(ts)) for i, ts in zip(mine.items, mine.ts)]
         row = self.state.user_row(user_id)
         if row is not None:
@@ -169,11 +178,17 @@ class ServingState:
         """
         row = self.state.query_row(user_id)  # own row, else a shared one (admission pending)
         clicks = overlay.clicks(user_id) if overlay is not None else None
-        if clicks is None:
+        reach = clicks.reach if clicks is not None else None
+        if clicks is not None and clicks.base_version is not None \
+                and clicks.base_version > self.version:
+            return Plan(None, np.zeros(0, dtype=np.int64), 0, reach, stale=True)
+        if clicks is None or not clicks.events:
             if row is None:
-                return Plan(None, np.zeros(0, dtype=np.int64))
+                return Plan(None, np.zeros(0, dtype=np.int64), 0, reach)
             query = self.state.query(np.array([row], dtype=np.int64))[0]
-            return Plan(query, np.asarray(self.state.seen(row), dtype=np.int64))
+            exclude = np.asarray(self.state.seen(row), dtype=np.int64)
+            return self._with_content(Plan(query, exclude, 0, reach),
+                                      self.state.tables[T.USER_HIST][row])
         hist, hist_ts = self._history(row, clicks)
         query = self.state.query_history(hist[None, :], hist_ts[None, :],
                                          np.array([-1 if row is None else row]))[0]
@@ -181,7 +196,14 @@ class ServingState:
         exclude = np.asarray(seen_rows, dtype=np.int64)
         if row is not None:
             exclude = np.union1d(self.state.seen(row), exclude)
-        return Plan(query, exclude, clicks.events)
+        return self._with_content(Plan(query, exclude, clicks.events, reach), hist)
+
+    def _with_content(self, plan: Plan, hist: np.ndarray) -> Plan:
+        """``plan`` with the content term for young items, from the history the query used."""
+        if self.content is None or plan.query is None:
+            return plan
+        term = self.content.user_term(hist)
+        return plan if term is None else self.content.plan(plan, term)
 
     def _history(self, row: int | None, clicks: UserClicks) -> tuple[np.ndarray, np.ndarray]:
         """(H,) item rows and times: the overlay's clicks, then the version's history.
@@ -211,12 +233,13 @@ class ServingState:
         if plan.query is None:
             items, fallback = self.popular(k), True
         else:
-            items, fallback = self.named(hits or []), False
+            items, fallback = self.named(merged(hits or [], plan, k)), False
         body = {"user_id": user_id, **self.meta(), "fallback": fallback,
                 "items": [{"item_id": i, "score": s} for i, s in items]}
         if overlay is not None:
+            reach = plan.overlay_reach if plan.overlay_reach is not None else overlay.reach
             body["overlay"] = {"events": plan.overlay_events,
-                               "offsets": {str(p): o for p, o in overlay.reach.items()}}
+                               "offsets": {str(p): o for p, o in reach.items()}}
         return body
 
     def recommend(self, user_id: str, k: int, overlay: Overlay | None = None) -> dict[str, Any]:
@@ -236,15 +259,96 @@ class ServingState:
                 for i, r in enumerate(rows)]
 
     def plan_similar(self, item_id: str) -> Plan | None:
-        """What ``/similar`` searches: the item's vector, minus the item; None if unknown."""
+        """What ``/similar`` searches: the item's vector, minus the item; None if unknown.
+
+        An item nobody clicked yet but the catalogue announced has a vector
+        from its text alone. With content, young items also get the content
+        term against the item's own text (the gate is 1: the item is the
+        whole history).
+        """
         row = self.state.item_row(item_id)
         if row is None:
             return None
-        return Plan(self.state.vectors(T.ITEM_VECTORS, row), np.array([row], dtype=np.int64))
+        plan = Plan(self.state.item_query(row), np.array([row], dtype=np.int64))
+        if self.content is None:
+            return plan
+        term = self.content.item_term(row)
+        return plan if term is None else self.content.plan(plan, term)
 
-    def answer_similar(self, item_id: str, hits: Hits) -> dict[str, Any]:
+    def answer_similar(self, item_id: str, hits: Hits, plan: Plan | None = None,
+                       k: int | None = None) -> dict[str, Any]:
+        if plan is not None and k is not None:
+            hits = merged(hits, plan, k)
         return {"item_id": item_id, **self.meta(),
                 "items": [{"item_id": i, "score": s} for i, s in self.named(hits)]}
+
+
+def merged(hits: Hits, plan: Plan, k: int) -> Hits:
+    """The index's ``hits`` and the plan's already-scored items, best ``k`` first (ties by row).
+
+    Both are exact top lists of disjoint item sets (the scored ones were
+    excluded from the search), so their merge is the exact top ``k``.
+    """
+    if plan.scored is None:
+        return hits
+    rows, scores = plan.scored
+    top = np.argsort(-scores, kind="stable")[:k]
+    both = hits + [(int(r), float(s)) for r, s in zip(rows[top], scores[top])]
+    both.sort(key=lambda h: (-h[1], h[0]))
+    return both[:k]
+
+
+class YoungItems:
+    """The young items of a version and their index vectors, for the content term.
+
+    Built once per version on the watcher's thread (:meth:`of`): the rows
+    that get the term (live, with text, at most ``YOUNG_MAX_EVENTS`` events)
+    and their vectors, (Y, D + 1 + K) float32. A plan scores them exactly with
+    the query plus ``alpha * term`` in the text block, so the main index and
+    its vectors stay what they are.
+    """
+
+    def __init__(self, state: ModelState, alpha: float) -> None:
+        t = state.tables
+        self.alpha = alpha
+        self.state = state
+        self.dim = int(t[T.ITEM_VECTORS].shape[1])               # D + 1
+        live = np.array([bool(i) for i in state.item_ids], dtype=bool)
+        events = t[T.ITEM_EVENTS]
+        few = np.flatnonzero(live & (events <= YOUNG_MAX_EVENTS))   # text read for these only
+        has_text = np.zeros(len(events), dtype=bool)
+        has_text[few] = t[T.ITEM_TEXT][few].any(axis=1)
+        self.rows = young(events, has_text, live)
+        self.vectors = state.index_vectors(self.rows)
+
+    @classmethod
+    def of(cls, state: ModelState, alpha: float) -> YoungItems | None:
+        """``None`` when the version has no text or the term is off."""
+        return cls(state, alpha) if alpha > 0 and state.content_dim else None
+
+    def user_term(self, hist: np.ndarray) -> np.ndarray | None:
+        """``g_u x̂_u`` (K,) of a history (H,) of this version's rows, or None."""
+        t = self.state.tables
+        return text_term(np.asarray(hist, dtype=np.int64), t[T.ITEM_EVENTS], t[T.ITEM_TEXT])
+
+    def item_term(self, row: int) -> np.ndarray | None:
+        """The term of ``/similar``: the item's own (unit) text vector, gate 1."""
+        x = self.state.tables[T.ITEM_TEXT][row].astype(np.float32)
+        norm = float(np.linalg.norm(x))
+        return x / norm if norm > 0 else None
+
+    def plan(self, plan: Plan, term: np.ndarray) -> Plan:
+        """``plan`` with the young items scored here and excluded from the index search."""
+        assert plan.query is not None
+        if not len(self.rows):
+            return plan
+        q = plan.query.copy()
+        q[self.dim:] += np.float32(self.alpha) * term
+        keep = ~np.isin(self.rows, plan.exclude)
+        rows = self.rows[keep]
+        scores = (self.vectors @ q)[keep].astype(np.float32, copy=False)
+        return dataclasses.replace(plan, exclude=np.union1d(plan.exclude, self.rows),
+                                   scored=(rows, scores))
 
 
 class SnapshotWatcher:
@@ -254,8 +358,10 @@ class SnapshotWatcher:
                  metrics: Any | None = None, index_kind: str = "flat",
                  nprobe: int = 16,
                  on_swap: Callable[[ServingState], None] | None = None,
+                 content_alpha: float = 0.0,
                  vector_dtype: quant.Encoding = "float32") -> None:
         self.store = store
+        self.content_alpha = content_alpha
         self.vector_dtype = vector_dtype
         self.on_swap = on_swap  # runs on the watcher's thread, after the swap
         self.index_kind = index_kind
@@ -293,7 +399,7 @@ class SnapshotWatcher:
         if snapshot is None:
             return False
         new_state = ServingState(snapshot, current, self.index_kind, self.nprobe,
-                                 self.vector_dtype)
+                                 self.content_alpha, self.vector_dtype)
         self._backoff_s = 0.0
         self.current = new_state  # the swap: one reference, atomic under the GIL
         load_s = time.perf_counter() - t0
@@ -346,3 +452,19 @@ class SnapshotWatcher:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=5)
+
+
+def plan_on_newest(watcher: SnapshotWatcher, user_id: str, overlay: Overlay | None
+                   ) -> tuple[ServingState, Plan] | None:
+    """The state an answer is planned on, and its plan; ``None`` before any version.
+
+    When a swap comes between reading the state and planning, the overlay has
+    already dropped the clicks the newer version covers: plan again on it.
+    """
+    while True:
+        current = watcher.current
+        if current is None:
+            return None
+        plan = current.plan(user_id, overlay)
+        if not plan.stale:
+            return current, plan

@@ -68,6 +68,8 @@ class Checkpoint:
         self.durable_offsets: dict[int, int] | None = None  # set where no publisher runs
         self.dirty = False                  # learned anything since the last publish?
         self.publisher: Publisher | None = None
+        # offsets of other topics the model holds (the catalogue), recorded beside the topic's
+        self.side_offsets: Callable[[], dict[str, dict[int, int]]] | None = None
         self._changed_users: list[np.ndarray] = []
         self._changed_items: list[np.ndarray] = []
 
@@ -131,12 +133,13 @@ class Checkpoint:
         self.offsets = dict(offsets)
         self.dirty = True
 
-    def published_offsets(self) -> dict[int, int]:
-        """The offsets of the newest durable version (where a restart would resume)."""
-        if self.durable_offsets is not None:  # a pipeline's consumer, told by its trainer
-            return dict(self.durable_offsets)
+    def published_offsets(self, topic: str | None = None) -> dict[int, int]:
+        """The offsets of the newest durable version (where a restart would resume) in
+        ``topic`` (default: the click topic)."""
+        if self.durable_offsets is not None and topic in (None, self.topic):
+            return dict(self.durable_offsets)  # a pipeline's consumer, told by its trainer
         published = self.publisher.parent if self.publisher is not None else self.restored
-        return dict(published.offsets.get(self.topic, {})) if published else {}
+        return dict(published.offsets.get(topic or self.topic, {})) if published else {}
 
     def _hold(self, m: Manifest) -> None:
         self.offsets = dict(m.offsets.get(self.topic, {}))
@@ -152,6 +155,12 @@ class Checkpoint:
         if top_ts is not None:
             self.watermark = top_ts if self.watermark is None else max(self.watermark, top_ts)
         self.events += n_events
+
+    def changed(self, changed: Changed) -> None:
+        """Rows changed by something other than clicks (catalogue items): publish them."""
+        self._changed_users.append(changed.users)
+        self._changed_items.append(changed.items)
+        self.dirty = True
 
     def advance(self, records: list[Any], done: dict[int, int] | None = None) -> None:
         """The model now holds ``records`` (learned or dead-lettered): move past them.
@@ -202,7 +211,8 @@ class Checkpoint:
             else np.zeros(0, np.int64)
         self._changed_users.clear()
         self._changed_items.clear()
-        job = PublishJob(offsets={self.topic: dict(self.offsets)},
+        side = self.side_offsets() if self.side_offsets is not None else {}
+        job = PublishJob(offsets={**side, self.topic: dict(self.offsets)},
                          watermark=self.watermark, events=self.events)
         total = model.n_users + model.n_items
         if self.policy.wants_full(self.publisher.parent, self.publisher.full_at,

@@ -37,6 +37,7 @@ from stream_rec.snapshot import Fenced, Manifest, SnapshotStore
 from stream_rec.snapshot.lease import Lease
 from stream_rec.snapshot.publisher import FullPolicy
 
+from .catalogue import Catalogue
 from .checkpoint import Checkpoint, NonFinite
 from .health import Health, LeaseKeeper
 from .source import BoundedSource, Bounds, GroupSource
@@ -84,6 +85,7 @@ class Worker:
             GroupSource(self.kafka, self.guard, self.rewind_to_published)
             if bounds is None else BoundedSource(self.kafka, bounds, self.guard))
         self.model: StreamingModel | None = None
+        self.catalogue: Catalogue | None = None   # with content: the items topic
         # Monotonic time consumption began (after lease, restore and start-up), for benchmarks.
         self.consuming_since: float | None = None
 
@@ -169,6 +171,8 @@ class Worker:
         require_topics(self.kafka, [self.kafka.dlq_topic])
         dlq = DeadLetterWriter(make_producer(self.kafka), self.kafka.dlq_topic)
         publisher = self.checkpoint.start_publisher()
+        if self.model.cfg.content_dim:
+            self.catalogue = Catalogue(self.settings, self.metrics)
         last_publish = last_check = time.monotonic()
         try:
             while not self.stop_requested.is_set() and not self.reached_end():
@@ -176,6 +180,9 @@ class Worker:
                 records = self.poll_batch(wcfg.batch_max_events, wcfg.batch_max_ms)
                 if records:
                     self.apply(records, dlq)
+                if self.catalogue is not None:   # never waits: clicks are not held up
+                    assert self.model is not None
+                    self.catalogue.tick(self.checkpoint, self.model)
                 self.commit_published()
                 if publisher.busy():
                     continue
@@ -203,6 +210,8 @@ class Worker:
             self.source.close()
             self.guard.close()
             dlq.close()
+            if self.catalogue is not None:
+                self.catalogue.close()
         log.info("worker stopped at version %s, offsets %s", self.version, self.offsets)
         return 0
 
@@ -236,6 +245,8 @@ class Worker:
         that poisoned it is among them -- with the reason, and goes on.
         """
         assert self.model is not None
+        if self.catalogue is not None:
+            self.catalogue.flush()
         try:
             self.checkpoint.publish(self.model, dlq)
         except NonFinite as exc:
@@ -252,6 +263,7 @@ class Worker:
         assert self.model is not None
         self.model = self.checkpoint.rewind(self.model, self.settings.model,
                                             self.settings.worker.device, force=True)
+        self._rewind_catalogue()
         reason = f"training on this record's batch made the model non-finite ({why})"
         for rec in records:
             dlq.send(DeadLetter(reason, Origin(rec.topic, rec.partition, rec.offset),
@@ -272,6 +284,11 @@ class Worker:
         if self.model is not None:
             self.model = self.checkpoint.rewind(self.model, self.settings.model,
                                                 self.settings.worker.device)
+            self._rewind_catalogue()
+
+    def _rewind_catalogue(self) -> None:
+        if self.catalogue is not None:
+            self.catalogue.rewound(self.checkpoint)
 
     # -- the loop's steps ------------------------------------------------
     def poll_batch(self, max_events: int, max_ms: int) -> list[Any]:

@@ -4,7 +4,10 @@ It restores the newest version, says so to the consumer process, then learns
 the decoded batches the consumer puts on the ring and publishes versions
 through the :class:`~stream_rec.worker.checkpoint.Checkpoint` (steps 1-5 of
 its sequence; step 6, the offset commit, is the consumer's, on the
-``durable`` message). It never touches Kafka.
+``durable`` message). It never touches the click topic; a model with content
+reads the catalogue here (:class:`~stream_rec.worker.catalogue.Catalogue`,
+its own consumer and dead-letter producer), since the vectors it announces
+and the offsets versions record for it are this process's.
 
 Messages to the consumer (``out`` queue): ``("restored", version, offsets)``,
 ``("durable", version, offsets, counts, seconds)``, ``("rewound", generation,
@@ -34,6 +37,7 @@ from stream_rec.settings import Settings
 from stream_rec.snapshot import Manifest, SnapshotStore
 from stream_rec.snapshot.publisher import FullPolicy
 
+from .catalogue import Catalogue
 from .checkpoint import Checkpoint, NonFinite
 from .ring import Columns, Ring
 
@@ -132,6 +136,7 @@ class Trainer:
         self.last_publish = 0.0
         self.overran = False
         self.awaiting_letters = False
+        self.catalogue: Catalogue | None = None   # with content: the items topic
 
     def run(self) -> None:
         threads = self.wcfg.torch_threads or max(1, (os.cpu_count() or 2) - 1)
@@ -141,6 +146,8 @@ class Trainer:
         self.model = self.checkpoint.restore(self.settings.model, self.wcfg.device)
         self.out.put(("restored", self.checkpoint.version, dict(self.checkpoint.offsets)))
         publisher = self.checkpoint.start_publisher()
+        if self.model.cfg.content_dim:
+            self.catalogue = Catalogue(self.settings)
         started = self.last_publish = time.monotonic()
         cpu0 = time.process_time()  # what learning costs, without imports and the restore
         stopping = False
@@ -153,6 +160,8 @@ class Trainer:
                     stopping = self._control(msg) or stopping
                 elif cols is not None:
                     self._learn(cols)
+                if self.catalogue is not None:
+                    self.catalogue.tick(self.checkpoint, self.model)
                 self.checkpoint.commit_durable(self.committer)
                 if stopping and cols is None and msg is None:  # the ring is drained
                     break
@@ -168,6 +177,8 @@ class Trainer:
         finally:
             publisher.close()
             self.ring.close()
+            if self.catalogue is not None:
+                self.catalogue.close()
 
     # -- messages and batches ------------------------------------------------
     def _control(self, msg: tuple[Any, ...]) -> bool:
@@ -223,6 +234,8 @@ class Trainer:
 
     def _publish(self) -> None:
         assert self.model is not None
+        if self.catalogue is not None:
+            self.catalogue.flush()
         try:
             self.checkpoint.publish(self.model, _Letters())
         except NonFinite as exc:
@@ -239,6 +252,8 @@ class Trainer:
         assert self.model is not None
         self.model = self.checkpoint.rewind(self.model, self.settings.model, self.wcfg.device,
                                             force=force)
+        if self.catalogue is not None:
+            self.catalogue.rewound(self.checkpoint)
         self.unconfirmed = 0
 
     def _durable(self, m: Manifest) -> None:

@@ -47,8 +47,12 @@ K = 10
 @functools.cache
 def _trained(config: int) -> StreamingModel:
     """Shared by the dtypes of one configuration (scoring does not change the model)."""
+    return _train(CONFIGS[config])
+
+
+def _train(extra: dict) -> StreamingModel:
     cfg = ModelConfig(dim=16, history=8, negatives=32, replay=300, replay_per_step=60,
-                      train_chunk=250, **CONFIGS[config])
+                      train_chunk=250, **extra)
     model = StreamingModel(cfg, device="cpu")
     ev = list(itertools.islice(iter_synthetic(n_users=100, n_items=150, seed=5), 2600))
     for b in range(0, len(ev), 400):
@@ -147,3 +151,25 @@ def test_every_path_gives_the_same_top_k(config: int, dtype: quant.Encoding,
                 _check_within_bounds(model, held, user, answers["served"], dtype)
     finally:
         client.__exit__(None, None, None)
+
+
+def test_every_path_gives_the_same_top_k_with_content(tmp_path: Path) -> None:
+    """Item text through W: in-memory, snapshot and served (without the serving term) agree."""
+    from stream_rec.settings import ServeSettings
+    from tests.model.test_content import _catalogue
+
+    model = _train({"content_dim": 24})
+    ids, vecs = _catalogue(150)
+    model.announce(ids + ["only-announced"], np.concatenate([vecs, vecs[:1]]))
+    state = model.state()
+    store = SnapshotStore(tmp_path / "store")
+    store.publish(state, offsets={}, watermark=None)
+    app = create_app(store, ServeSettings(content_alpha=0.0), watch=False)
+    with TestClient(app) as client:
+        assert app.state.watcher.poll_once()
+        for user in USERS:
+            want = [i for i, _ in model.recommend(user, K)]
+            assert [i for i, _ in state.recommend(user, K)] == want, user
+            body = client.get(f"/recommend/{user}", params={"k": K}).json()
+            assert [x["item_id"] for x in body["items"]] == want, user
+        assert client.get("/similar/only-announced").status_code == 200

@@ -58,7 +58,7 @@ def test_a_click_past_the_version_shapes_the_answer_and_counts_once(tmp_path: Pa
         state.tables[T.USER_HIST][row][:-1])
     # A newer version covers the click: the overlay drops it, so it is not counted twice.
     overlay.rebase({0: 11})
-    assert overlay.clicks(user) is None and overlay.stats() == {"users": 0, "events": 0}
+    assert not overlay.clicks(user).events and overlay.stats() == {"users": 0, "events": 0}
     assert v1.plan(user, overlay).overlay_events == 0
 
 
@@ -82,7 +82,7 @@ def test_an_older_version_empties_the_overlay_to_be_read_again(tmp_path: Path) -
     overlay.rebase({0: 100})
     overlay.apply(_batch([(0, 100, "u", "i1"), (0, 101, "u", "i2")]))
     overlay.rebase({0: 50})                 # an operator pinned an older version
-    assert overlay.clicks("u") is None and overlay.reach == {0: 50}
+    assert not overlay.clicks("u").events and overlay.reach == {0: 50}
 
 
 def test_the_overlay_keeps_at_most_max_events(tmp_path: Path) -> None:
@@ -91,5 +91,27 @@ def test_the_overlay_keeps_at_most_max_events(tmp_path: Path) -> None:
     for b in range(5):
         overlay.apply(_batch([(0, b * 4 + k, f"u{b}", f"i{k}") for k in range(4)]))
     stats = overlay.stats()
-    assert stats["events"] <= 10 and overlay.clicks("u4") is not None
-    assert overlay.clicks("u0") is None     # the oldest clicks went first
+    assert stats["events"] <= 10 and overlay.clicks("u4").events
+    assert not overlay.clicks("u0").events   # the oldest clicks went first
+
+
+def test_a_swap_between_reading_the_state_and_planning_is_planned_again(tmp_path: Path) -> None:
+    from stream_rec.serving.state import plan_on_newest
+
+    v1 = _serving(tmp_path, {0: 10})
+    newer = _serving(tmp_path, {0: 20}, seed=1)
+    newer.manifest.version = v1.version + 1
+    overlay = Overlay(history=v1.state.tables[T.USER_HIST].shape[1])
+    overlay.rebase({0: 20}, version=newer.version)   # the newer version is served meanwhile
+    user = v1.state.user_ids[0]
+    assert v1.plan(user, overlay).stale               # its clicks left the overlay already
+
+    class Watcher:  # the first read sees the old state, the next one the swapped-in state
+        reads = iter([v1, newer])
+
+        @property
+        def current(self) -> ServingState:
+            return next(self.reads)
+
+    planned = plan_on_newest(Watcher(), user, overlay)  # type: ignore[arg-type]
+    assert planned is not None and planned[0] is newer and not planned[1].stale
