@@ -138,10 +138,11 @@ def recall_ivf(vectors: np.ndarray, nprobes: list[int], n_queries: int = 200
 
 
 def by_dtype(state: ModelState, root: Path, dtypes: list[str], changed: float,
-             rng: np.random.Generator) -> list[dict]:
+             rng: np.random.Generator, queries: int = 1000) -> list[dict]:
     """Full and delta versions of the same state and the same changed rows, per vector dtype.
 
-    Each dtype gets a fresh store; its reader holds the vectors in the same dtype.
+    Each dtype gets a fresh store; its reader holds the vectors in the same dtype
+    and answers ``queries`` single /recommend calls in process (p50/p99 ms).
     """
     n_items, n_users = len(state.item_ids), len(state.user_ids)
     items = np.sort(rng.choice(n_items, max(1, int(n_items * changed)), replace=False))
@@ -161,6 +162,12 @@ def by_dtype(state: ModelState, root: Path, dtypes: list[str], changed: float,
         assert snap is not None
         held = ServingState(snap, vector_dtype=dtype)  # type: ignore[arg-type]
         load_s = time.perf_counter() - t0
+        lat = []   # /recommend's work in process: query (decoding its rows), search, names
+        for u in rng.choice(n_users, queries):
+            t1 = time.perf_counter()
+            held.recommend(f"u{u}", 10)
+            lat.append(time.perf_counter() - t1)
+        p50, p99 = (float(np.percentile(lat, q)) * 1e3 for q in (50, 99))
 
         def part(manifest, name: str) -> int:
             return sum(manifest.entries.get(f"{n}.npy", {}).get("bytes", 0)
@@ -177,12 +184,14 @@ def by_dtype(state: ModelState, root: Path, dtypes: list[str], changed: float,
             "served_vector_bytes": quant.nbytes(held.state.tables),
             "served_table_bytes": sum(int(a.nbytes) for a in held.state.tables.values()),
             "index_bytes": held.index.nbytes(),
+            "recommend_p50_ms": round(p50, 3), "recommend_p99_ms": round(p99, 3),
         }
         print(f"  {dtype:>8}: full {row['full_bytes'] / 1e6:.1f} MB ({full_s:.2f} s), delta "
               f"{row['delta_bytes'] / 1e6:.2f} MB ({delta_s:.3f} s); a reader holding {dtype} "
               f"loads the full version in {load_s:.2f} s and holds "
               f"{row['served_vector_bytes'] / 1e6:.1f} MB of vectors "
-              f"({row['served_table_bytes'] / 1e6:.1f} MB of tables)", flush=True)
+              f"({row['served_table_bytes'] / 1e6:.1f} MB of tables); recommend p50 "
+              f"{p50:.2f} ms, p99 {p99:.2f} ms", flush=True)
         out.append(row)
         del snap, held
         shutil.rmtree(root / f"store-{dtype}", ignore_errors=True)
@@ -202,9 +211,13 @@ def main() -> None:
                     help="store.vector_dtype values to compare (comma-separated)")
     ap.add_argument("--dtypes-only", action="store_true",
                     help="measure only the bytes and times per vector dtype")
+    ap.add_argument("--quick", action="store_true",
+                    help="100 000 items x 10 000 users, 2 s of serving per phase")
     ap.add_argument("--out", default=None, help="JSON result (default: docs/results/"
                     "bench_snapshot.json, bench_snapshot_dtypes.json with --dtypes-only)")
     args = ap.parse_args()
+    if args.quick:
+        args.items, args.users, args.serve_seconds = 100_000, 10_000, 2.0
     dtypes = [d for d in args.dtypes.split(",") if d]
     if any(d not in quant.DTYPES for d in dtypes):
         ap.error(f"--dtypes: each one of {quant.DTYPES}")
