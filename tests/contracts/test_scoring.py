@@ -153,23 +153,35 @@ def test_every_path_gives_the_same_top_k(config: int, dtype: quant.Encoding,
         client.__exit__(None, None, None)
 
 
-def test_every_path_gives_the_same_top_k_with_content(tmp_path: Path) -> None:
-    """Item text through W: in-memory, snapshot and served (without the serving term) agree."""
-    from stream_rec.settings import ServeSettings
+@functools.cache
+def _trained_with_content() -> StreamingModel:
     from tests.model.test_content import _catalogue
 
     model = _train({"content_dim": 24})
     ids, vecs = _catalogue(150)
     model.announce(ids + ["only-announced"], np.concatenate([vecs, vecs[:1]]))
+    return model
+
+
+@pytest.mark.parametrize("dtype", quant.DTYPES)
+def test_every_path_gives_the_same_top_k_with_content(tmp_path: Path,
+                                                      dtype: quant.Encoding) -> None:
+    """Item text through W: in-memory, snapshot and served (without the serving term) agree;
+    served from quantized vectors, the top-k stays the in-memory one but for near ties."""
+    model = _trained_with_content()
     state = model.state()
-    store = SnapshotStore(tmp_path / "store")
+    store = SnapshotStore(tmp_path / "store", vector_dtype=dtype)
     store.publish(state, offsets={}, watermark=None)
-    app = create_app(store, ServeSettings(content_alpha=0.0), watch=False)
+    app = create_app(store, ServeSettings(content_alpha=0.0, vector_dtype=dtype), watch=False)
     with TestClient(app) as client:
         assert app.state.watcher.poll_once()
         for user in USERS:
             want = [i for i, _ in model.recommend(user, K)]
             assert [i for i, _ in state.recommend(user, K)] == want, user
             body = client.get(f"/recommend/{user}", params={"k": K}).json()
-            assert [x["item_id"] for x in body["items"]] == want, user
+            got = [x["item_id"] for x in body["items"]]
+            if dtype == "float32":
+                assert got == want, user
+            else:
+                assert len(got) == K and len(set(got) & set(want)) >= K - 2, (user, got, want)
         assert client.get("/similar/only-announced").status_code == 200
