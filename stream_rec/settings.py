@@ -213,7 +213,7 @@ class ServeSettings(Section):
     # How a server holds the vectors it reads (item.vectors, item.in, user.vec) in memory:
     # float32, float16, or int8 with a scale per row; a query decodes only the rows it
     # reads, the index is built from the decoded vectors. Combinations with `index`:
-    # docs/ARCHITECTURE.md, "Quantized vectors".
+    # docs/OPERATIONS.md, "Quantized vectors".
     vector_dtype: Literal["float32", "float16", "int8"] = "float32"
     search_threads: int = Field(1, ge=1)  # FAISS threads per search (requests run in parallel)
     max_batch: int = Field(64, ge=1)  # concurrent /recommend searches coalesced into one

@@ -25,7 +25,7 @@ Which tables: :data:`SERVING` are the vectors serving reads to answer
 (``item.out``, then ``item.bias`` + ``pop_weight`` * ``item.pop_log``) and no
 restore reads it, so a worker restarting from a quantized version restores
 bitwise. ``item.in``, ``item.out`` and ``user.vec`` are also training
-parameters: a snapshot keeps them exact (docs/ARCHITECTURE.md, "Quantized
+parameters: a snapshot keeps them exact (docs/OPERATIONS.md, "Quantized
 vectors").
 """
 
