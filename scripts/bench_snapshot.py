@@ -8,7 +8,11 @@ Measures, in one run on this machine:
   refresh a copy of the index),
 - in-process serving latency p50/p99 with no publishing, then while a delta version is
   published every second and the reader swaps it in,
-- recall@10 of the IVF index against exact search on clustered vectors.
+- recall@10 of the IVF index against exact search on clustered vectors,
+- per ``store.vector_dtype`` (``--dtypes``; float32, float16, int8): bytes and time
+  of a full and of a delta version, and a reader holding the same dtype
+  (``serve.vector_dtype``): time to load the full version and build its index,
+  and the bytes of the vectors and of all the tables it holds. ``--dtypes-only`` runs this part alone.
 
 The state is shaped like the model's (every table, at ``--items`` items and
 ``--users`` users) with item vectors drawn from a Gaussian mixture, so index
@@ -34,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stream_rec import datasets
 from stream_rec.index import ItemIndex, set_search_threads
-from stream_rec.model import ModelConfig, ModelState, StreamingModel, delta_from_state
+from stream_rec.model import ModelConfig, ModelState, StreamingModel, delta_from_state, quant
 from stream_rec.model import tables as T
-from stream_rec.serving.state import SnapshotWatcher
+from stream_rec.serving.state import ServingState, SnapshotWatcher
 from stream_rec.snapshot import SnapshotStore
 
 
@@ -133,6 +137,67 @@ def recall_ivf(vectors: np.ndarray, nprobes: list[int], n_queries: int = 200
     return out
 
 
+def by_dtype(state: ModelState, root: Path, dtypes: list[str], changed: float,
+             rng: np.random.Generator, queries: int = 1000) -> list[dict]:
+    """Full and delta versions of the same state and the same changed rows, per vector dtype.
+
+    Each dtype gets a fresh store; its reader holds the vectors in the same dtype
+    and answers ``queries`` single /recommend calls in process (p50/p99 ms).
+    """
+    n_items, n_users = len(state.item_ids), len(state.user_ids)
+    items = np.sort(rng.choice(n_items, max(1, int(n_items * changed)), replace=False))
+    users = np.sort(rng.choice(n_users, max(1, int(n_users * changed)), replace=False))
+    delta = delta_from_state(state, users, items)
+    out = []
+    for dtype in dtypes:
+        store = SnapshotStore(root / f"store-{dtype}", keep_versions=5, vector_dtype=dtype)
+        t0 = time.perf_counter()
+        full = store.publish(state, offsets={"clicks": {0: 0}}, watermark=0)
+        full_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        dm = store.publish_delta(delta, parent=full, offsets={"clicks": {0: 1}}, watermark=1)
+        delta_s = time.perf_counter() - t0
+        t0 = time.perf_counter()   # a server: load + verify, encode, build the index
+        snap = store.load(full.version, tables=T.SERVED)
+        assert snap is not None
+        held = ServingState(snap, vector_dtype=dtype)  # type: ignore[arg-type]
+        load_s = time.perf_counter() - t0
+        lat = []   # /recommend's work in process: query (decoding its rows), search, names
+        for u in rng.choice(n_users, queries):
+            t1 = time.perf_counter()
+            held.recommend(f"u{u}", 10)
+            lat.append(time.perf_counter() - t1)
+        p50, p99 = (float(np.percentile(lat, q)) * 1e3 for q in (50, 99))
+
+        def part(manifest, name: str) -> int:
+            return sum(manifest.entries.get(f"{n}.npy", {}).get("bytes", 0)
+                       for n in (name, quant.scale_name(name)))
+
+        row = {
+            "dtype": dtype,
+            "full_bytes": dir_bytes(Path(store.version_dir(full.version))),
+            "delta_bytes": dir_bytes(Path(store.version_dir(dm.version))),
+            "full_vectors_bytes": part(full, T.ITEM_VECTORS),
+            "delta_vectors_bytes": part(dm, T.ITEM_VECTORS),
+            "full_s": round(full_s, 3), "delta_s": round(delta_s, 4),
+            "reader_load_full_s": round(load_s, 3),
+            "served_vector_bytes": quant.nbytes(held.state.tables),
+            "served_table_bytes": sum(int(a.nbytes) for a in held.state.tables.values()),
+            "index_bytes": held.index.nbytes(),
+            "recommend_p50_ms": round(p50, 3), "recommend_p99_ms": round(p99, 3),
+        }
+        print(f"  {dtype:>8}: full {row['full_bytes'] / 1e6:.1f} MB ({full_s:.2f} s), delta "
+              f"{row['delta_bytes'] / 1e6:.2f} MB ({delta_s:.3f} s); a reader holding {dtype} "
+              f"loads the full version in {load_s:.2f} s and holds "
+              f"{row['served_vector_bytes'] / 1e6:.1f} MB of vectors "
+              f"({row['served_table_bytes'] / 1e6:.1f} MB of tables); recommend p50 "
+              f"{p50:.2f} ms, p99 {p99:.2f} ms", flush=True)
+        out.append(row)
+        del snap, held
+        shutil.rmtree(root / f"store-{dtype}", ignore_errors=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--items", type=int, default=1_000_000)
@@ -142,8 +207,20 @@ def main() -> None:
     ap.add_argument("--serve-seconds", type=float, default=8.0)
     ap.add_argument("--nprobe", type=int, default=16)
     ap.add_argument("--dir", default=None, help="store directory (default: a temp dir)")
-    ap.add_argument("--out", default="docs/results/bench_snapshot.json")
+    ap.add_argument("--dtypes", default=",".join(quant.DTYPES),
+                    help="store.vector_dtype values to compare (comma-separated)")
+    ap.add_argument("--dtypes-only", action="store_true",
+                    help="measure only the bytes and times per vector dtype")
+    ap.add_argument("--quick", action="store_true",
+                    help="100 000 items x 10 000 users, 2 s of serving per phase")
+    ap.add_argument("--out", default=None, help="JSON result (default: docs/results/"
+                    "bench_snapshot.json, bench_snapshot_dtypes.json with --dtypes-only)")
     args = ap.parse_args()
+    if args.quick:
+        args.items, args.users, args.serve_seconds = 100_000, 10_000, 2.0
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    if any(d not in quant.DTYPES for d in dtypes):
+        ap.error(f"--dtypes: each one of {quant.DTYPES}")
 
     set_search_threads(1)  # as `stream-rec serve` does by default
     rng = np.random.default_rng(0)
@@ -152,6 +229,16 @@ def main() -> None:
     print(f"building a state of {args.items} items x {args.users} users, dim {args.dim}…",
           flush=True)
     state = big_state(args.items, args.users, args.dim)
+    if args.dtypes_only:
+        print(f"per vector dtype ({args.changed:.0%} of rows in the delta):", flush=True)
+        rows = by_dtype(state, root, dtypes, args.changed, rng)
+        write(Path(args.out or "docs/results/bench_snapshot_dtypes.json"),
+              {"items": args.items, "users": args.users, "dim": args.dim,
+               "changed": args.changed, "state_table_bytes": table_bytes(state),
+               "vector_dtypes": rows})
+        if args.dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+        return
 
     full_runs = []
     for _ in range(3):
@@ -230,6 +317,9 @@ def main() -> None:
     print(f"IVF recall@10 vs exact ({recall_n} clustered vectors) by nprobe: {recall}",
           flush=True)
 
+    print(f"per vector dtype ({args.changed:.0%} of rows in the delta):", flush=True)
+    by_dt = by_dtype(state, root, dtypes, args.changed, rng)
+
     result = {
         "items": args.items, "users": args.users, "dim": args.dim, "changed": args.changed,
         "full_s": round(full_s, 4), "full_bytes": full_bytes,
@@ -244,12 +334,21 @@ def main() -> None:
         "ivf_recall_at_10": round(recall[args.nprobe], 4), "ivf_nprobe": args.nprobe,
         "ivf_recall_at_10_by_nprobe": {str(k): round(v, 4) for k, v in recall.items()},
         "ivf_recall_vectors": recall_n,
+        "state_table_bytes": table_bytes(state), "vector_dtypes": by_dt,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write(Path(args.out or "docs/results/bench_snapshot.json"), result)
     if args.dir is None:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def table_bytes(state: ModelState) -> int:
+    """Bytes of every table of ``state``: what a server held before it read only its own."""
+    return sum(int(a.nbytes) for a in state.tables.values())
+
+
+def write(out: Path, result: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
 
 

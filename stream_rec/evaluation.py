@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,7 @@ from .baselines import (
     PopularityBaseline,
 )
 from .model import ModelConfig, StreamingModel
-from .ranking import Metrics, model_rank
+from .ranking import Metrics, model_rank, model_scores, model_top, rank_of
 
 
 # ------------------------------------------------------------------------ data
@@ -63,13 +64,16 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
              device: str = "auto", baselines: bool = True,
              catalogue: list[dict[str, Any]] | None = None,
              vectors: dict[str, np.ndarray] | None = None,
-             content_alpha: float = 1.5, ranks: int = 1) -> dict[str, Any]:
+             content_alpha: float = 1.5, ranks: int = 1,
+             served: Sequence[str] = (), served_full_every: int = 100) -> dict[str, Any]:
     """Prequential evaluation; returns the JSON result described in the module docstring.
 
     ``events``: iterable of event dicts (``user_id``, ``item_id``, ``ts`` ms,
     optional ``weight``) or the structured array of :func:`datasets.load_ml100k`.
     ``baselines=False`` runs the model alone (for ablations). The tested sample is every ``sample_every``-th event after warm-up, starting
-    at offset ``seed % sample_every``.
+    at offset ``seed % sample_every``. ``served`` also ranks each tested event
+    through the served state, once per configuration (``"int8"``, ``"float16:fp16"``,
+    see :class:`~stream_rec.served_eval.ServedConfig`), under ``result["served"]``.
 
     With ``catalogue`` (item dicts with ``item_id`` and ``ts``) and ``vectors``
     (item id -> text vector), the same run also trains the model with content
@@ -112,6 +116,11 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
         "cooccurrence": CooccurrenceBaseline(cfg.history),
     }
     mm = Metrics()
+    serving = None
+    if served:
+        from .served_eval import ServedMetrics
+
+        serving = ServedMetrics(served, served_full_every)
     test_s = 0.0
     t_all = time.perf_counter()
     for b0 in range(0, n, batch_size):
@@ -124,7 +133,13 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
             t0 = time.perf_counter()
             k = b0 + j
             if tested[k] or extra[k]:
-                rank = model_rank(model, bu[j], bi[j])
+                if tested[k] and serving is not None:   # the model's top-10 beside its rank
+                    scores, seen = model_scores(model, bu[j])
+                    target = model.item_row(bi[j])
+                    rank = None if target is None else rank_of(scores, target, seen)
+                    serving.test(model, bu[j], bi[j], model_top(model, scores, seen))
+                else:
+                    rank = model_rank(model, bu[j], bi[j])
                 if slices is not None:
                     base_ranks[k] = rank
             if tested[k]:
@@ -142,7 +157,7 @@ def run_eval(events: Any, *, warmup: float = 0.1, sample_every: int = 25, seed: 
         mm.train_events += b1 - b0
     wall = time.perf_counter() - t_all
     res = mm.result()
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {} if serving is None else {"served": serving.result()}
     if slices is not None:
         from .evaluation_content import content_pass
 

@@ -62,19 +62,33 @@ def rank_of(scores: np.ndarray, target: int, excluded: Iterable[int]) -> int | N
     return int((s > st).sum() + (s[:target] == st).sum())
 
 
+def model_scores(model: StreamingModel, user: str) -> tuple[np.ndarray, np.ndarray]:
+    """The model's scores (I,) of every item row for ``user`` (-inf: not a candidate) and the
+    rows excluded as seen (R,) int64; users without a row get decayed popularity."""
+    row = model.query_row(user)
+    live = model.live_items()
+    if row is None:
+        pop = model.fast.pop[: model.n_items]
+        return np.where(live & np.isfinite(pop), pop, -np.inf), np.zeros(0, dtype=np.int64)
+    user_scores = model.score_user(user)
+    assert user_scores is not None
+    return np.where(live, user_scores, -np.inf), model.seen_rows(row)
+
+
+def model_top(model: StreamingModel, scores: np.ndarray, seen: np.ndarray, k: int = K
+              ) -> list[str]:
+    """The model's top-``k`` item ids from its ``scores`` (the served order)."""
+    s = scores.astype(np.float64, copy=True)
+    s[seen] = -np.inf
+    order = np.argsort(-s, kind="stable")[:k]
+    ids = model.fast.items.ids
+    return [ids[r] for r in order if np.isfinite(s[r])]
+
 
 def model_rank(model: StreamingModel, user: str, item: str) -> int | None:
     """Rank of ``item`` in the model's answer for ``user`` (popular fallback for new users)."""
     target = model.item_row(item)
     if target is None:
         return None
-    row = model.query_row(user)
-    live = model.live_items()
-    if row is None:
-        pop = model.fast.pop[: model.n_items]
-        scores = np.where(live & np.isfinite(pop), pop, -np.inf)
-        return rank_of(scores, target, ())
-    user_scores = model.score_user(user)
-    assert user_scores is not None
-    scores = np.where(live, user_scores, -np.inf)
-    return rank_of(scores, target, model.seen_rows(row))
+    scores, seen = model_scores(model, user)
+    return rank_of(scores, target, seen)

@@ -198,6 +198,10 @@ class StoreSettings(Section):
 
     path: str = "data/snapshots"
     keep_versions: int = Field(20, ge=2)
+    # How versions hold item.vectors, the one vector table only serving reads: float32,
+    # float16, or int8 with a float32 scale per row (69 bytes a row instead of 260 at dim
+    # 64). The training tables the worker restores from stay exact whatever this says.
+    vector_dtype: Literal["float32", "float16", "int8"] = "float32"
 
 
 MIN_KEY_CHARS = 16  # a guessable API key protects nothing
@@ -216,6 +220,11 @@ class ServeSettings(Section):
     index: Literal["auto", "flat", "sq8", "fp16", "ivf", "ivf_sq6", "ivf_sq8", "ivf_pq_refine",
                    "hnsw_sq8"] = "auto"
     nprobe: int = Field(0, ge=0)  # IVF lists searched per query; 0 = the kind's measured default
+    # How a server holds the vectors it reads (item.vectors, item.in, user.vec) in memory:
+    # float32, float16, or int8 with a scale per row; a query decodes only the rows it
+    # reads, the index is built from the decoded vectors. Combinations with `index`:
+    # docs/OPERATIONS.md, "Quantized vectors".
+    vector_dtype: Literal["float32", "float16", "int8"] = "float32"
     search_threads: int = Field(1, ge=1)  # FAISS threads per search (requests run in parallel)
     max_batch: int = Field(64, ge=1)  # concurrent /recommend searches coalesced into one
     workers: int = Field(1, ge=1)  # server processes on the port, each with its own index

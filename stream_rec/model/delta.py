@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import quant
 from .state import ModelState
 from .tables import RAGGED, SEEN_ITEMS, SEEN_PTR, kind
 
@@ -121,6 +122,8 @@ def apply_delta(base: ModelState, delta: StateDelta) -> ModelState:
 
     Row-aligned tables are copied once and the changed rows overwritten; tables
     grow to the delta's row counts. Rows beyond the base must all be in the delta.
+    The delta's vector rows take the encoding the base holds them in
+    (:func:`~stream_rec.model.quant.conform`): a reader keeps its own.
     """
     nu, ni = delta.n_users, delta.n_items
     for rows, n_old, n_new, what in ((delta.user_rows, len(base.user_ids), nu, "user"),
@@ -129,12 +132,13 @@ def apply_delta(base: ModelState, delta: StateDelta) -> ModelState:
                                                 np.arange(n_old, n_new)):
             raise ValueError(f"delta grows {what} rows {n_old}->{n_new} without all new rows")
     tables: dict[str, np.ndarray] = {}
+    rows_in = quant.conform(delta.tables, base.tables)
     for name, arr in base.tables.items():
         k = kind(name)
         if k == "user":
-            tables[name] = _grow_rows(arr, nu, delta.user_rows, delta.tables[name])
+            tables[name] = _grow_rows(arr, nu, delta.user_rows, rows_in[name])
         elif k == "item":
-            tables[name] = _grow_rows(arr, ni, delta.item_rows, delta.tables[name])
+            tables[name] = _grow_rows(arr, ni, delta.item_rows, rows_in[name])
     for name, arr in delta.tables.items():
         if kind(name) == "global":
             tables[name] = arr
@@ -155,14 +159,16 @@ def merge_deltas(deltas: list[StateDelta]) -> StateDelta:
     """Consecutive deltas as one (later rows win), so a chain is applied with one copy.
 
     Applying ``merge_deltas([d1, …, dn])`` equals applying d1, …, dn in turn,
-    at the cost of one pass over the base instead of one per delta.
+    at the cost of one pass over the base instead of one per delta. A vector
+    table the deltas hold in different encodings is merged as float32.
     """
     if len(deltas) == 1:
         return deltas[0]
     last = deltas[-1]
+    parts = quant.uniform([d.tables for d in deltas])
     urows = np.unique(np.concatenate([d.user_rows for d in deltas]))
     irows = np.unique(np.concatenate([d.item_rows for d in deltas]))
-    tables: dict[str, np.ndarray] = {n: a for n, a in last.tables.items()
+    tables: dict[str, np.ndarray] = {n: a for n, a in parts[-1].items()
                                      if kind(n) == "global"}
     user_ids = [""] * len(urows)
     item_ids = [""] * len(irows)
@@ -171,7 +177,7 @@ def merge_deltas(deltas: list[StateDelta]) -> StateDelta:
     for k, d in enumerate(deltas):
         upos = np.searchsorted(urows, d.user_rows)
         ipos = np.searchsorted(irows, d.item_rows)
-        for name, arr in d.tables.items():
+        for name, arr in parts[k].items():
             aligned = kind(name)
             if aligned != "global":
                 rows, pos = (urows, upos) if aligned == "user" else (irows, ipos)

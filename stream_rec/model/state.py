@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from . import quant
 from . import tables as T
 from .ids import shared_row
 
@@ -62,6 +63,9 @@ class ModelState:
       ``item.acc_in`` / ``item.acc_out`` / ``item.acc_bias`` (I,) f32; with content
       ``item.text`` (I, K) f16 (zero: no text) and ``global.content_w`` / ``content_acc``
       (K, D) f32.
+    - The vector tables serving reads (``item.vectors``, ``item.in``, ``user.vec``) may be
+      held as float16 or as int8 codes with a float32 scale per row (``<name>.scale``):
+      read them through :meth:`vectors`, which decodes only the rows asked for.
     - ``global.*``: ``pos_w`` / ``pos_acc`` (H, NB) f32 weight per (history slot, age bucket), ``step``, ``t_ref``, ``watermark`` (1,) i64,
       ``seen_indptr`` (U + 1,) / ``seen_items`` i64 (CSR of each user's seen item rows),
       ``replay_user`` / ``replay_item`` / ``replay_weight`` / ``replay_hist`` (recent events),
@@ -105,6 +109,13 @@ class ModelState:
         return self._item_index.get(str(item_id))
 
     # ---- scoring ---------------------------------------------------------------
+    def vectors(self, name: str, rows: np.ndarray | slice | None = None) -> np.ndarray:
+        """Float32 rows of vector table ``name`` (all with ``None``), whatever its encoding.
+
+        ``rows`` of any shape give that shape plus (D,); only they are decoded.
+        """
+        return quant.take(self.tables, name, slice(None) if rows is None else rows)
+
     @property
     def content_dim(self) -> int:
         """K, the width of the items' text vectors; 0 for a state without content."""
@@ -113,7 +124,7 @@ class ModelState:
     def index_vectors(self, rows: np.ndarray | slice | None = None) -> np.ndarray:
         """What an index holds per item row (R, D + 1 [+ K]) float32, against :meth:`query`."""
         rows = slice(None) if rows is None else rows
-        v = self.tables[T.ITEM_VECTORS][rows]
+        v = self.vectors(T.ITEM_VECTORS, rows)
         if not self.content_dim:
             return v
         return np.concatenate([v, self.tables[T.ITEM_TEXT][rows].astype(np.float32)], axis=1)
@@ -122,7 +133,7 @@ class ModelState:
         """The query (D + 1 [+ K],) of ``/similar``: item ``row``'s own vector, its
         content part included, against :meth:`index_vectors`."""
         t = self.tables
-        v = t[T.ITEM_VECTORS][row].astype(np.float32)
+        v = self.vectors(T.ITEM_VECTORS, row)
         if not self.content_dim:
             return v
         w = t[T.CONTENT_W]
@@ -148,13 +159,12 @@ class ModelState:
         t = self.tables
         hist = np.asarray(hist, dtype=np.int64)
         hts = np.asarray(hist_ts, dtype=np.int64)
-        item_in = t[T.ITEM_IN]
         edges = np.asarray(self.config.get("time_buckets_s", []), dtype=np.float64) * 1000.0
         bucket = np.searchsorted(edges, hts[:, :1] - hts, side="right")  # (B, H)
         mask = hist >= 0
         pos_w = t[T.POS_W].reshape(hist.shape[1], -1)           # (H, NB)
         wts = pos_w[np.arange(hist.shape[1])[None, :], bucket] * mask  # (B, H)
-        emb = item_in[np.where(mask, hist, 0)]                         # (B, H, D)
+        emb = self.vectors(T.ITEM_IN, np.where(mask, hist, 0))         # (B, H, D)
         q = np.einsum("bhd,bh->bd", emb, wts).astype(np.float32)
         w = t[T.CONTENT_W] if self.content_dim else None
         if w is not None:
@@ -168,7 +178,7 @@ class ModelState:
             rows = np.asarray(user_rows, dtype=np.int64).reshape(-1)
             known = rows >= 0
             if known.any():
-                q[known] = q[known] + t[T.USER_VEC][rows[known]]
+                q[known] = q[known] + self.vectors(T.USER_VEC, rows[known])
         q = q * np.float32(self.config.get("scale", 1.0))
         D = q.shape[1]
         out = np.ones((len(hist), D + 1 + (len(w) if w is not None else 0)), dtype=np.float32)

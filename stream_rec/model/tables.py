@@ -69,6 +69,16 @@ GANG_CHUNK_PARTITION = "global.gang_chunk_partition"    # (C',) i64
 GANG_REPLAY_PARTITION = "global.gang_replay_partition"  # (R',) i64
 GANG_REPLAY_RINGS = "global.gang_replay_rings"  # (W, 2) i64 each rank's ring: entries, next write
 
+# A vector table held as int8 codes keeps a float32 scale per row beside them, under
+# its name + ".scale" (same kind, so deltas carry it): see quant.py.
+SCALE_SUFFIX = ".scale"
+
+# What a server reads of a version (ModelState.query, seen, popular; the content term's
+# young items and text; the dashboard's last event times): a serving reader decodes these
+# (and their scales) and leaves the rest.
+SERVED = (USER_VEC, USER_HIST, USER_HIST_TS, USER_LAST_TS, ITEM_VECTORS, ITEM_IN, ITEM_POP_LOG,
+          ITEM_EVENTS, ITEM_TEXT, POS_W, TRANSITION, CONTENT_W, SEEN_PTR, SEEN_ITEMS)
+
 # The ragged seen lists are not row-aligned: deltas carry them as their own CSR.
 RAGGED = (SEEN_PTR, SEEN_ITEMS)
 

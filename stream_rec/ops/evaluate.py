@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stream_rec.ops.common import UsageError, add_plain_command, settings_for
+from stream_rec.ops.common import UsageError, add_plain_command, settings_for, usage_error
 
-EXAMPLE = "stream-rec eval --dataset ml-100k --json"
+EXAMPLE = "stream-rec eval --dataset ml-100k --served float32,int8 --json"
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -24,6 +24,10 @@ def format_table(result: dict[str, Any]) -> str:
     for name, r in rows:
         lines.append(f"{name:<20} {r['hr@10']:>8.4f} {r['ndcg@10']:>8.4f} {r['mrr']:>8.4f} "
                      f"{r['events_per_s']:>12,.0f}")
+    for name, r in result.get("served", {}).items():
+        lines.append(f"{'served ' + name:<20} {r['hr@10']:>8.4f} {r['ndcg@10']:>8.4f} "
+                     f"{r['mrr']:>8.4f} {'':>12}  top-10 = model's: {r['top10_same_as_model']:.3f}"
+                     f", vectors held: {r['served_vector_bytes']:,} B")
     lines.append(f"events={result['n_events']} tested={result['n_tested']} "
                  f"batch={result['batch_size']} ranks={result.get('ranks', 1)} "
                  f"device={result['device']} "
@@ -69,7 +73,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError("--ranks: at least 1")
     if args.ranks > 1 and args.items:
         raise UsageError("--ranks with --items: a gang trains no item text")
+    if args.ranks > 1 and args.served:
+        raise UsageError("--ranks with --served: rank the served state with one rank")
     settings = settings_for(args)
+    served = [s for s in args.served.split(",") if s.strip()] if args.served else []
+    if served:
+        from stream_rec.served_eval import ServedConfig
+
+        try:
+            [ServedConfig.parse(s) for s in served]
+        except ValueError as exc:
+            raise usage_error(f"--served: {exc}") from None
     events = load_events(args.dataset)
     catalogue = vectors = None
     if args.items:
@@ -84,7 +98,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       sample_every=args.sample_every, seed=args.seed,
                       batch_size=args.batch_size, model_cfg=settings.model, device=args.device,
                       catalogue=catalogue, vectors=vectors, content_alpha=alpha,
-                      ranks=args.ranks)
+                      ranks=args.ranks, served=served)
     print(format_table(result), flush=True)
     if args.json:
         print(json.dumps(result), flush=True)
@@ -104,6 +118,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ranks", type=int, default=1,
                    help="train as a gang of W ranks would (stream-rec worker --procs W), "
                         "simulated in this process")
+    p.add_argument("--served", default="", metavar="SPEC,…",
+                   help="also rank through the served state: a snapshot store and a server's "
+                        "state per SPEC, DTYPE[:INDEX] or STORE>SERVE[:INDEX] (e.g. "
+                        "float32,int8,float16:fp16); a version is published before each "
+                        "tested event")
     p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
     p.add_argument("--items", nargs="?", const="ml-100k", default=None, metavar="CATALOGUE",
                    help="also train the model with item text (ml-100k's catalogue, or a JSONL "

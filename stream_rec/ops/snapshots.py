@@ -171,8 +171,9 @@ def diff_states(a: Any, b: Any, atol: float = 0.0) -> dict[str, Any]:
     common = [i for i in ib if i in ia]
     changed, max_abs = 0, 0.0
     if common:
-        va = a.state.tables[T.ITEM_VECTORS][[ia[i] for i in common]]
-        vb = b.state.tables[T.ITEM_VECTORS][[ib[i] for i in common]]
+        # decoded: a version written in another vector dtype differs by its rounding only
+        va = a.state.vectors(T.ITEM_VECTORS, np.array([ia[i] for i in common]))
+        vb = b.state.vectors(T.ITEM_VECTORS, np.array([ib[i] for i in common]))
         delta = np.abs(vb.astype(np.float64) - va.astype(np.float64)).max(axis=1)
         changed = int((delta > atol).sum())
         max_abs = float(delta.max()) if len(delta) else 0.0

@@ -128,7 +128,8 @@ def create_app(store: SnapshotStore, cfg: ServeSettings | None = None,
 
     watcher = SnapshotWatcher(store, cfg.poll_interval_ms / 1000.0, metrics,
                               index_kind=cfg.index, nprobe=cfg.nprobe, on_swap=rebase,
-                              content_alpha=cfg.content_alpha)
+                              content_alpha=cfg.content_alpha,
+                              vector_dtype=cfg.vector_dtype)
     KParam = Annotated[int, Query(ge=1, le=cfg.max_k, description="number of items")]
 
     batcher = SearchBatcher(cfg.max_batch, cfg.search_threads)

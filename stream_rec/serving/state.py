@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from stream_rec.index import ItemIndex
-from stream_rec.model import ModelState
+from stream_rec.model import ModelState, quant
 from stream_rec.model import tables as T
 from stream_rec.model.content import YOUNG_MAX_EVENTS, text_term, young
 from stream_rec.serving.overlay import Overlay, UserClicks
@@ -79,14 +79,29 @@ class ServingState:
     Built over the previous state when the new version was loaded as deltas on
     top of it: the index is then copied once and only the changed item rows are
     refreshed, instead of indexing every item again.
+
+    A watcher loads only the tables serving reads (:data:`~stream_rec.model.tables.SERVED`),
+    so a server holds none of the training state. The vectors among them
+    (:data:`quant.SERVING`) are held in ``vector_dtype``;
+    a version loaded over the previous state already holds them so (a delta's
+    rows take the encoding of the table they are written into), one loaded
+    whole is encoded here, once. Queries and refreshes decode only the rows
+    they read; the index is built from the decoded vectors.
     """
 
     def __init__(self, snapshot: Snapshot, previous: ServingState | None = None,
                  index_kind: str = "flat", nprobe: int = 16,
-                 content_alpha: float = 0.0) -> None:
-        self.snapshot = snapshot
+                 content_alpha: float = 0.0, vector_dtype: quant.Encoding = "float32") -> None:
+        state = snapshot.state
+        tables = quant.encoded(state.tables, quant.SERVING, vector_dtype)
+        if any(tables[n] is not state.tables.get(n) for n in tables):
+            state = ModelState(config=state.config, user_ids=state.user_ids,
+                               item_ids=state.item_ids, tables=tables)
+            snapshot = dataclasses.replace(snapshot, state=state)
+        self.snapshot = snapshot   # the next version is loaded over this one
         self.manifest = snapshot.manifest
-        self.state = snapshot.state
+        self.state = state
+        self.vector_dtype = vector_dtype
         rows = snapshot.changed_items
         self.index: ItemIndex
         if previous is not None and rows is not None \
@@ -343,9 +358,11 @@ class SnapshotWatcher:
                  metrics: Any | None = None, index_kind: str = "flat",
                  nprobe: int = 16,
                  on_swap: Callable[[ServingState], None] | None = None,
-                 content_alpha: float = 0.0) -> None:
+                 content_alpha: float = 0.0,
+                 vector_dtype: quant.Encoding = "float32") -> None:
         self.store = store
         self.content_alpha = content_alpha
+        self.vector_dtype = vector_dtype
         self.on_swap = on_swap  # runs on the watcher's thread, after the swap
         self.index_kind = index_kind
         self.nprobe = nprobe
@@ -374,14 +391,15 @@ class SnapshotWatcher:
         t0 = time.perf_counter()
         current = self.current
         try:
-            snapshot = self.store.load(target, base=current.snapshot if current else None)
+            snapshot = self.store.load(target, base=current.snapshot if current else None,
+                                       tables=T.SERVED)
         except (CorruptSnapshot, OSError, ValueError) as exc:
             self._failed(target, exc, have)
             return False
         if snapshot is None:
             return False
         new_state = ServingState(snapshot, current, self.index_kind, self.nprobe,
-                                 self.content_alpha)
+                                 self.content_alpha, self.vector_dtype)
         self._backoff_s = 0.0
         self.current = new_state  # the swap: one reference, atomic under the GIL
         load_s = time.perf_counter() - t0

@@ -2,8 +2,13 @@
 
 Format 2 names the version's data file uniquely (``data-<token>.bin``) so a
 writer that loses the race for a version number never overwrites the
-winner's bytes; format 1 named it ``data.bin``. Readers accept both and
-refuse any other format, an unsafe path, or a delta without its parent.
+winner's bytes; format 1 named it ``data.bin``. Format 3 is format 2 whose
+vector tables may hold float16 or int8 codes with per-row scales
+(:mod:`stream_rec.model.quant`); a store writes it only for a quantized
+version, so a reader that predates it refuses such a version (and keeps
+serving the one it has) instead of taking codes for float32 vectors. Readers
+accept all three and refuse any other format, an unsafe path, or a delta
+without its parent.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from typing import Any
 import orjson
 
 FORMAT = 2
-READABLE_FORMATS = (1, 2)
+QUANTIZED_FORMAT = 3
+READABLE_FORMATS = (1, 2, 3)
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 
 

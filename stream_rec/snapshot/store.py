@@ -27,24 +27,24 @@ committed versions.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import re
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import orjson
 
 from stream_rec.faults import failpoint
-from stream_rec.model import ModelState, StateDelta, apply_delta, merge_deltas
+from stream_rec.model import ModelState, StateDelta, apply_delta, merge_deltas, quant
 from stream_rec.model import tables as T
 
 from .backend import Backend, open_backend
 from .manifest import FORMAT, CorruptSnapshot, Manifest
+from .parts import delta_parts, state_parts, unpack
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +74,21 @@ class Snapshot:
         return self.manifest.version
 
 
-def _npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    return buf.getvalue()
-
-
 class SnapshotStore:
-    """A store of numbered versions at ``root`` (path or fsspec URL)."""
+    """A store of numbered versions at ``root`` (path or fsspec URL).
+
+    ``vector_dtype`` is how this store object writes the serving-only vector
+    tables (``item.vectors``: float32, float16, or int8 with a scale per row);
+    readers take any.
+    """
 
     def __init__(self, root: str | os.PathLike[str], keep_versions: int = 20,
-                 writer: str = "") -> None:
+                 writer: str = "", *, vector_dtype: quant.Encoding = "float32") -> None:
+        if vector_dtype not in quant.DTYPES:
+            raise ValueError(f"vector_dtype {vector_dtype!r} is not one of {quant.DTYPES}")
         self.url = str(root)
         self.keep_versions = keep_versions
+        self.vector_dtype = vector_dtype
         self.backend: Backend = open_backend(self.url)
         self.fs, self.root = self.backend.fs, self.backend.root
         self.writer = writer  # recorded in the manifests this store object commits
@@ -189,27 +191,12 @@ class SnapshotStore:
             raise CorruptSnapshot(f"checksum mismatch for {name} in v{version}")
         return raw
 
-    def _read_files(self, manifest: Manifest) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """Every part of a version, verified: (json documents, npy tables)."""
+    def _read_files(self, manifest: Manifest, only: Collection[str] | None = None
+                    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """A version's parts, verified: (json documents, npy tables, those in ``only``)."""
         blobs = {name: self._read_verified(manifest.version, name, meta)
                  for name, meta in manifest.files.items()}
-        data = blobs[manifest.data_file]
-        docs: dict[str, Any] = {}
-        tables: dict[str, np.ndarray] = {}
-        for name, where in manifest.entries.items():
-            start, size = int(where.get("offset", -1)), int(where.get("bytes", -1))
-            if start < 0 or size < 0 or start + size > len(data):
-                raise CorruptSnapshot(f"{name} lies outside the data file of v{manifest.version}")
-            raw = memoryview(data)[start:start + size]
-            try:
-                if name.endswith(".json"):
-                    docs[name[:-5]] = orjson.loads(raw)
-                elif name.endswith(".npy"):
-                    tables[name[:-4]] = np.load(io.BytesIO(raw), allow_pickle=False)
-            except ValueError as exc:
-                raise CorruptSnapshot(
-                    f"{name} in v{manifest.version} does not parse: {exc}") from None
-        return docs, tables
+        return unpack(manifest, blobs[manifest.data_file], only)
 
     def load_delta(self, version: int) -> tuple[Manifest, StateDelta]:
         """The rows a delta version changed over its parent, verified."""
@@ -218,9 +205,10 @@ class SnapshotStore:
             raise ValueError(f"version {version} is a {manifest.kind} version")
         return manifest, self._read_delta(manifest)
 
-    def _read_delta(self, manifest: Manifest) -> StateDelta:
-        """The verified delta a delta ``manifest`` describes."""
-        docs, tables = self._read_files(manifest)
+    def _read_delta(self, manifest: Manifest, only: Collection[str] | None = None
+                    ) -> StateDelta:
+        """The verified delta a delta ``manifest`` describes (tables in ``only``)."""
+        docs, tables = self._read_files(manifest, only)
         try:
             delta = StateDelta(
                 config=manifest.config, n_users=int(manifest.counts["users"]),
@@ -252,12 +240,15 @@ class SnapshotStore:
             out.append(self.read_manifest(parent))
         return out[::-1]
 
-    def load(self, version: int | None = None, *, base: Snapshot | None = None
-             ) -> Snapshot | None:
+    def load(self, version: int | None = None, *, base: Snapshot | None = None,
+             tables: Collection[str] | None = None) -> Snapshot | None:
         """Load and verify ``version`` (default: latest); ``None`` for an empty store.
 
         A delta is applied over its chain. With ``base`` (a loaded version on
         that chain, e.g. the one being served) only the deltas after it are read.
+        ``tables`` (e.g. :data:`~stream_rec.model.tables.SERVED`) are the only
+        tables decoded, the whole data file being verified all the same; a
+        ``base`` must have been loaded with the same ones.
         """
         if version is None:
             version = self.latest_version()
@@ -275,14 +266,14 @@ class SnapshotStore:
             state, from_base = base.state, True  # the chain passes through the version held
         if state is None:
             full = manifests[0]
-            docs, tables = self._read_files(full)
+            docs, parts = self._read_files(full, tables)
             state = ModelState(config=full.config, user_ids=docs.get("user_ids", []),
-                               item_ids=docs.get("item_ids", []), tables=tables)
+                               item_ids=docs.get("item_ids", []), tables=parts)
             start = 1
         merged: StateDelta | None = None
         for i in range(start, len(manifests), 32):  # a few at a time: memory stays near one delta
             # from the manifests chain() read, not read again
-            batch = [self._read_delta(m) for m in manifests[i:i + 32]]
+            batch = [self._read_delta(m, tables) for m in manifests[i:i + 32]]
             merged = merge_deltas([merged, *batch] if merged else batch)
         if merged is not None:
             try:
@@ -322,19 +313,14 @@ class SnapshotStore:
         when another writer committed that version first.
         """
         version = version if version is not None else self.next_version()
-        files: dict[str, bytes] = {
-            "user_ids.json": orjson.dumps(list(state.user_ids)),
-            "item_ids.json": orjson.dumps(list(state.item_ids)),
-        }
-        for name, arr in state.tables.items():
-            files[f"{name}.npy"] = _npy_bytes(arr)
+        files, fmt = state_parts(state, self.vector_dtype)
         counts = {"users": len(state.user_ids), "items": len(state.item_ids)}
         if T.USER_EVENTS in state.tables:
             counts["events"] = int(state.tables[T.USER_EVENTS].sum())
         manifest = Manifest(
             version=version, parent=parent, kind="full", created_at=time.time(),
             offsets=offsets, watermark=watermark, counts=counts, config=dict(state.config),
-            base=version, chain=0, topic_ids=dict(topic_ids or {}))
+            base=version, chain=0, format=fmt, topic_ids=dict(topic_ids or {}))
         return self._commit_version(manifest, files)
 
     def publish_delta(self, delta: StateDelta, *, parent: Manifest,
@@ -346,16 +332,7 @@ class SnapshotStore:
         Raises :class:`Fenced` when another writer committed that version first.
         """
         version = version if version is not None else parent.version + 1
-        files: dict[str, bytes] = {
-            "user_ids.json": orjson.dumps(delta.user_ids),
-            "item_ids.json": orjson.dumps(delta.item_ids),
-            "delta.user_rows.npy": _npy_bytes(delta.user_rows),
-            "delta.item_rows.npy": _npy_bytes(delta.item_rows),
-            "delta.seen_indptr.npy": _npy_bytes(delta.seen_indptr),
-            "delta.seen_items.npy": _npy_bytes(delta.seen_items),
-        }
-        for name, arr in delta.tables.items():
-            files[f"{name}.npy"] = _npy_bytes(arr)
+        files, fmt = delta_parts(delta, self.vector_dtype)
         counts = {"users": delta.n_users, "items": delta.n_items,
                   "users_changed": len(delta.user_rows), "items_changed": len(delta.item_rows)}
         if events is not None:
@@ -364,7 +341,7 @@ class SnapshotStore:
             version=version, parent=parent.version, kind="delta", created_at=time.time(),
             offsets=offsets, watermark=watermark, counts=counts, config=dict(delta.config),
             base=parent.base if parent.base is not None else parent.version,
-            chain=parent.chain + 1, topic_ids=dict(topic_ids or {}))
+            chain=parent.chain + 1, format=fmt, topic_ids=dict(topic_ids or {}))
         return self._commit_version(manifest, files)
 
     def _commit_version(self, manifest: Manifest, parts: dict[str, bytes]) -> Manifest:

@@ -93,7 +93,8 @@ class GangWorker:
         self.kafka = settings.kafka
         self.exchange = exchange
         self.rank, self.world = exchange.rank, exchange.world
-        self.store = store or SnapshotStore(settings.store.path, settings.store.keep_versions)
+        self.store = store or SnapshotStore(settings.store.path, settings.store.keep_versions,
+                                            vector_dtype=settings.store.vector_dtype)
         self.lease = Lease(self.store.backend, ttl_s=settings.worker.lease_ttl_s) \
             if self.rank == 0 else None
         if self.lease is not None:

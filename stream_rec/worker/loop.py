@@ -62,7 +62,8 @@ class Worker:
                  bounds: Bounds | None = None, stop: threading.Event | None = None) -> None:
         self.settings = settings
         self.kafka = settings.kafka
-        self.store = store or SnapshotStore(settings.store.path, settings.store.keep_versions)
+        self.store = store or SnapshotStore(settings.store.path, settings.store.keep_versions,
+                                            vector_dtype=settings.store.vector_dtype)
         self.lease = Lease(self.store.backend, ttl_s=settings.worker.lease_ttl_s)
         self.store.writer = self.lease.holder
         self.metrics = metrics or WorkerMetrics()

@@ -77,7 +77,8 @@ class PipelineWorker(Worker):
         self._shared = Shared(ctx)
         self._proc = ctx.Process(
             target=trainer_main, name="stream-rec-trainer",
-            args=(self.settings, (self.store.url, self.store.keep_versions), self.lease.holder,
+            args=(self.settings, (self.store.url, self.store.keep_versions,
+                                  self.store.vector_dtype), self.lease.holder,
                   self._ring.handle(), self._out, self._shared, self.lease.ttl_s,
                   os.getpid()))
         self._proc.start()

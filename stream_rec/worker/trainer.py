@@ -32,6 +32,7 @@ from typing import Any
 
 from stream_rec.faults import failpoint
 from stream_rec.model import StreamingModel
+from stream_rec.model.quant import Encoding
 from stream_rec.settings import Settings
 from stream_rec.snapshot import Manifest, SnapshotStore
 from stream_rec.snapshot.publisher import FullPolicy
@@ -90,8 +91,9 @@ class _ToConsumer:
         return True
 
 
-def trainer_main(settings: Settings, store: tuple[str, int], writer: str, ring_handle: Any,
-                 out: Any, shared: Shared, lease_ttl_s: float, parent_pid: int) -> None:
+def trainer_main(settings: Settings, store: tuple[str, int, Encoding], writer: str,
+                 ring_handle: Any, out: Any, shared: Shared, lease_ttl_s: float,
+                 parent_pid: int) -> None:
     """Entry point of the trainer process (``multiprocessing`` spawn)."""
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the consumer process decides when to stop
@@ -100,8 +102,9 @@ def trainer_main(settings: Settings, store: tuple[str, int], writer: str, ring_h
 
     configure_logging(settings.log_level, settings.log_format)
     try:
-        Trainer(settings, SnapshotStore(*store, writer=writer), Ring.attach(ring_handle), out,
-                shared, lease_ttl_s, parent_pid).run()
+        url, keep, vector_dtype = store
+        Trainer(settings, SnapshotStore(url, keep, writer, vector_dtype=vector_dtype),
+                Ring.attach(ring_handle), out, shared, lease_ttl_s, parent_pid).run()
     except BaseException as exc:
         log.exception("the trainer failed")
         out.put(("error", f"{type(exc).__name__}: {exc}"))
