@@ -28,6 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchlib import write_result
+
 from stream_rec.model import ModelConfig, StreamingModel
 from stream_rec.model.reference import ReferenceTrainer
 
@@ -288,6 +290,9 @@ def main() -> int:
            "replay_per_step": cfg.replay_per_step, "overrides": overrides, "by_step": summary}
     if checked is not None:
         out["check"] = checked
+    if not args.quick:
+        name = "bench_train" if args.device in ("auto", "cpu") else f"bench_train_{args.device}"
+        write_result(name, {**out, "argv": sys.argv[1:]})
     print(json.dumps(out), flush=True)
     return 0
 
