@@ -53,10 +53,12 @@ def _run_to_end(cfg: KafkaSettings, store: Path, ends: dict[int, int], log: Path
         assert proc.wait(30) == 0
 
 
-@pytest.mark.parametrize("killed_dtype", ["float32", "int8"])
 def test_killed_run_is_bitwise_equal_to_an_uninterrupted_one(kafka_cfg: KafkaSettings,
-                                                              tmp_path: Path,
-                                                              killed_dtype: str) -> None:
+                                                              tmp_path: Path) -> None:
+    # The killed run's store writes int8 vectors, the calm run's float32: one run shows
+    # both that kills lose nothing and that a quantized store restores exactly (the same
+    # property for every dtype, in process: tests/contracts/test_store.py).
+    killed_dtype = "int8"
     ensure_topics(kafka_cfg, [kafka_cfg.topic, kafka_cfg.dlq_topic], partitions=1)
     feeder = Feeder(kafka_cfg, rate=1500, limit=6000).start()
     feeder.join()
