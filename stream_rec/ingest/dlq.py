@@ -17,6 +17,7 @@ bad message are never committed unless its letter is durable.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from kafka import KafkaProducer
@@ -24,7 +25,7 @@ from kafka.errors import KafkaError
 from kafka.record.default_records import DefaultRecordBatchBuilder
 
 from stream_rec.errors import Fatal, describe
-from stream_rec.events import DeadLetter
+from stream_rec.events import DeadLetter, Origin, Reason
 
 log = logging.getLogger(__name__)
 
@@ -118,3 +119,17 @@ class DeadLetterWriter:
 
 def _origin(err: DeadLetter) -> str:
     return f"{err.origin.topic}/{err.origin.partition}@{err.origin.offset}"
+
+
+def dead_letter_poisoned(records: Iterable[Any], why: str, dlq: DeadLetterWriter,
+                         metrics: Any) -> int:
+    """Send each of ``records`` (Kafka records) as a dead letter of a batch that made the model
+    non-finite, counted in ``metrics.dead_letters``; returns how many. The caller flushes."""
+    reason = f"training on this record's batch made the model non-finite ({why})"
+    n = 0
+    for rec in records:
+        dlq.send(DeadLetter(reason, Origin(rec.topic, rec.partition, rec.offset),
+                            rec.key, rec.value, Reason.MODEL_POISONED))
+        metrics.dead_letters.labels(Reason.MODEL_POISONED.value).inc()
+        n += 1
+    return n

@@ -243,3 +243,15 @@ def read_range(consumer: Any, start: dict[TopicPartition, int],
             if consumer.position(tp) >= end:
                 del todo[tp]
                 consumer.pause(tp)
+
+
+def read_again(kafka: KafkaSettings, topic: str, since: dict[int, int],
+               upto: dict[int, int]) -> Iterator[Any]:
+    """The records of ``topic`` in ``[since[p], upto[p])`` per partition, read by a consumer of
+    its own (no group, nothing committed) that is closed when the range is done."""
+    reader = make_consumer(kafka, None, auto_offset_reset="none")
+    try:
+        yield from read_range(reader, {TopicPartition(topic, p): o for p, o in since.items()},
+                              {TopicPartition(topic, p): o for p, o in upto.items()})
+    finally:
+        reader.close()

@@ -42,13 +42,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from kafka import TopicPartition
-
 from stream_rec.errors import Fatal
-from stream_rec.events import Contract, DeadLetter, Origin, Reason, decode_columns
+from stream_rec.events import Contract, decode_columns
 from stream_rec.faults import failpoint
-from stream_rec.ingest.dlq import DeadLetterWriter
-from stream_rec.ingest.kafka import make_consumer, make_producer, read_range, require_topics
+from stream_rec.ingest.dlq import DeadLetterWriter, dead_letter_poisoned
+from stream_rec.ingest.kafka import (
+    make_producer,
+    read_again,
+    require_topics,
+)
 from stream_rec.metrics import WorkerMetrics, dead_letter_reason_label
 from stream_rec.model import Changed
 from stream_rec.model.exchange import Exchange
@@ -406,19 +408,8 @@ class GangWorker:
             self.checkpoint.watermark = None
         since = {p: self.offsets.get(p, 0) for p in upto}
         self.checkpoint.take_changed()
-        reason = f"training on this record's batch made the model non-finite ({why})"
-        topic = self.kafka.topic
-        reader = make_consumer(self.kafka, None, auto_offset_reset="none")
-        n = 0
-        try:
-            for rec in read_range(reader, {TopicPartition(topic, p): o for p, o in since.items()},
-                                  {TopicPartition(topic, p): o for p, o in upto.items()}):
-                dlq.send(DeadLetter(reason, Origin(rec.topic, rec.partition, rec.offset),
-                                    rec.key, rec.value, Reason.MODEL_POISONED))
-                self.metrics.dead_letters.labels(Reason.MODEL_POISONED.value).inc()
-                n += 1
-        finally:
-            reader.close()
+        n = dead_letter_poisoned(read_again(self.kafka, self.kafka.topic, since, upto), why,
+                                 dlq, self.metrics)
         dlq.flush()
         self.checkpoint.advance_to(upto)
         log.error("rank %d dead-lettered the %d records it read since version %s", self.rank,

@@ -26,9 +26,9 @@ from collections.abc import Callable
 from typing import Any
 
 from stream_rec import shutdown
-from stream_rec.events import Batch, Contract, DeadLetter, Origin, Reason, decode_columns
+from stream_rec.events import Batch, Contract, decode_columns
 from stream_rec.faults import failpoint
-from stream_rec.ingest.dlq import DeadLetterWriter
+from stream_rec.ingest.dlq import DeadLetterWriter, dead_letter_poisoned
 from stream_rec.ingest.kafka import make_producer, require_topics
 from stream_rec.metrics import WorkerMetrics, dead_letter_reason_label
 from stream_rec.model import StreamingModel
@@ -267,11 +267,7 @@ class Worker:
         self.model = self.checkpoint.rewind(self.model, self.settings.model,
                                             self.settings.worker.device, force=True)
         self._rewind_catalogue()
-        reason = f"training on this record's batch made the model non-finite ({why})"
-        for rec in records:
-            dlq.send(DeadLetter(reason, Origin(rec.topic, rec.partition, rec.offset),
-                                rec.key, rec.value, Reason.MODEL_POISONED))
-            self.metrics.dead_letters.labels(Reason.MODEL_POISONED.value).inc()
+        dead_letter_poisoned(records, why, dlq, self.metrics)
         dlq.flush()
         self.checkpoint.advance(records)
 

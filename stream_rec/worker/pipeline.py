@@ -34,12 +34,14 @@ import queue
 import time
 from typing import Any
 
-from kafka import TopicPartition
-
 from stream_rec.errors import Fatal
-from stream_rec.events import DeadLetter, Origin, Reason, decode_columns
-from stream_rec.ingest.dlq import DeadLetterWriter
-from stream_rec.ingest.kafka import make_consumer, make_producer, read_range, require_topics
+from stream_rec.events import decode_columns
+from stream_rec.ingest.dlq import DeadLetterWriter, dead_letter_poisoned
+from stream_rec.ingest.kafka import (
+    make_producer,
+    read_again,
+    require_topics,
+)
 from stream_rec.metrics import dead_letter_reason_label
 
 from .loop import Worker
@@ -206,19 +208,8 @@ class PipelineWorker(Worker):
     def _dead_letter_range(self, since: dict[int, int], upto: dict[int, int], why: str,
                            dlq: DeadLetterWriter) -> None:
         """The records of a batch that made the model non-finite, read again and dead-lettered."""
-        topic = self.kafka.topic
-        reader = make_consumer(self.kafka, None, auto_offset_reset="none")
-        n = 0
-        try:
-            reason = f"training on this record's batch made the model non-finite ({why})"
-            for rec in read_range(reader, {TopicPartition(topic, p): o for p, o in since.items()},
-                                  {TopicPartition(topic, p): o for p, o in upto.items()}):
-                dlq.send(DeadLetter(reason, Origin(rec.topic, rec.partition, rec.offset),
-                                    rec.key, rec.value, Reason.MODEL_POISONED))
-                self.metrics.dead_letters.labels(Reason.MODEL_POISONED.value).inc()
-                n += 1
-        finally:
-            reader.close()
+        n = dead_letter_poisoned(read_again(self.kafka, self.kafka.topic, since, upto), why,
+                                 dlq, self.metrics)
         dlq.flush()
         log.error("dead-lettered the %d records the trainer's model could not learn", n)
         assert self._ring is not None
