@@ -26,11 +26,11 @@ from stream_rec.logs import uvicorn_log_config
 from stream_rec.metrics import ServingMetrics
 from stream_rec.serving import dashboard
 from stream_rec.serving.auth import ApiKeys, BearerAuth
-from stream_rec.serving.batcher import SearchBatcher
+from stream_rec.serving.batcher import SearchBatcher, answer_on_newest
 from stream_rec.serving.follower import TopicFollower
 from stream_rec.serving.http import configure, uvicorn_options
 from stream_rec.serving.overlay import Overlay
-from stream_rec.serving.state import ServingState, SnapshotWatcher, plan_on_newest
+from stream_rec.serving.state import ServingState, SnapshotWatcher
 from stream_rec.settings import ServeSettings, Settings
 from stream_rec.snapshot import SnapshotStore
 
@@ -167,15 +167,10 @@ def create_app(store: SnapshotStore, cfg: ServeSettings | None = None,
     @app.get("/recommend/{user_id}", response_model=Recommended)
     async def recommend(user_id: IdParam, k: KParam = cfg.default_k) -> Response:
         """Top-k unseen items for a user; unknown users get recently popular items."""
-        planned = plan_on_newest(watcher, user_id, overlay)
-        if planned is None:
+        answered = await answer_on_newest(watcher, batcher, user_id, k, overlay)
+        if answered is None:
             raise HTTPException(503, "no snapshot loaded yet")
-        current, plan = planned
-        hits = None
-        if plan.query is not None:
-            hits = await asyncio.wrap_future(
-                batcher.search(current.index, plan.query, k, plan.exclude))
-        return _json(current.answer(user_id, k, plan, hits, overlay))
+        return _json(answered[1])
 
     @app.get("/similar/{item_id}", response_model=Similar)
     async def similar(item_id: IdParam, k: KParam = cfg.default_k) -> Response:

@@ -10,15 +10,19 @@ requests per second than the index could one at a time.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from stream_rec.index import ItemIndex, set_search_threads
+from stream_rec.serving.overlay import Overlay
+from stream_rec.serving.state import ServingState, SnapshotWatcher, plan_on_newest
 
 log = logging.getLogger(__name__)
 
@@ -94,3 +98,19 @@ class SearchBatcher:
         self.searched += len(reqs)
         for r, hits in zip(reqs, results):
             r.future.set_result(hits[:r.k])
+
+
+async def answer_on_newest(watcher: SnapshotWatcher, batcher: SearchBatcher, user_id: str,
+                           k: int, overlay: Overlay | None
+                           ) -> tuple[ServingState, dict[str, Any]] | None:
+    """``/recommend``'s answer for ``user_id`` on the newest version, its search coalesced
+    with others'; with the state it came from. None before any version is loaded."""
+    planned = plan_on_newest(watcher, user_id, overlay)
+    if planned is None:
+        return None
+    current, plan = planned
+    hits = None
+    if plan.query is not None:
+        hits = await asyncio.wrap_future(
+            batcher.search(current.index, plan.query, k, plan.exclude))
+    return current, current.answer(user_id, k, plan, hits, overlay)

@@ -15,7 +15,6 @@ answer ``/recommend`` would give).
 """
 
 
-import asyncio
 import logging
 import math
 import threading
@@ -33,9 +32,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stream_rec.metrics import ServingMetrics
 from stream_rec.model import tables as T
-from stream_rec.serving.batcher import SearchBatcher
+from stream_rec.serving.batcher import SearchBatcher, answer_on_newest
 from stream_rec.serving.overlay import Overlay
-from stream_rec.serving.state import ServingState, SnapshotWatcher, plan_on_newest
+from stream_rec.serving.state import ServingState, SnapshotWatcher
 from stream_rec.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -268,15 +267,10 @@ def router(watcher: SnapshotWatcher, metrics: ServingMetrics, batcher: SearchBat
 
     @r.get("/dashboard/user/{user_id}", include_in_schema=False)
     async def user(user_id: UserParam, k: KParam = cfg.default_k) -> Response:
-        planned = plan_on_newest(watcher, user_id, overlay)  # the same path as /recommend
-        if planned is None:
+        answered = await answer_on_newest(watcher, batcher, user_id, k, overlay)  # /recommend's
+        if answered is None:
             raise HTTPException(503, "no snapshot loaded yet")
-        current, plan = planned
-        hits = None
-        if plan.query is not None:
-            hits = await asyncio.wrap_future(
-                batcher.search(current.index, plan.query, k, plan.exclude))
-        body = current.answer(user_id, k, plan, hits, overlay)
+        current, body = answered
         body["recent"] = [{"item_id": c.item_id, "ts": c.ts}
                           for c in current.recent_clicks(user_id, overlay=overlay)]
         return _json(body)
