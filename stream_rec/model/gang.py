@@ -164,10 +164,7 @@ class GangModel(StreamingModel):
             pos = end
             if self.chunk.filled >= C:
                 self._end_chunk(ch_u, ch_i)
-        if self.touched_users or self.touched_items:
-            ch_u.append(np.asarray(self.touched_users, dtype=np.int64))
-            ch_i.append(np.asarray(self.touched_items, dtype=np.int64))
-            self.touched_users, self.touched_items = [], []
+        self._take_touched(ch_u, ch_i)
         self.stats["rounds"] += 1
         empty = np.zeros(0, dtype=np.int64)
         users = np.unique(np.concatenate(ch_u)) if ch_u else empty

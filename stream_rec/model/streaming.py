@@ -84,16 +84,21 @@ class StreamingModel(ModelCore):
             s = e
             if self.chunk.filled >= C:
                 self._end_chunk(ch_u, ch_i)
-        if self.touched_users or self.touched_items:
-            ch_u.append(np.asarray(self.touched_users, dtype=np.int64))
-            ch_i.append(np.asarray(self.touched_items, dtype=np.int64))
-            self.touched_users, self.touched_items = [], []
+        self._take_touched(ch_u, ch_i)
         if not ch_u:
             empty = np.zeros(0, dtype=np.int64)
             return Changed(users=empty, items=empty.copy())
         users_c = np.unique(np.concatenate(ch_u)).astype(np.int64)
         items_c = np.unique(np.concatenate(ch_i)).astype(np.int64)
         return Changed(users=users_c[users_c >= 0], items=items_c[items_c >= 0])
+
+    def _take_touched(self, ch_u: list[np.ndarray], ch_i: list[np.ndarray]) -> None:
+        """Add the rows changed outside training (expiry, restore cuts) to a call's changed
+        rows, and start collecting afresh."""
+        if self.touched_users or self.touched_items:
+            ch_u.append(np.asarray(self.touched_users, dtype=np.int64))
+            ch_i.append(np.asarray(self.touched_items, dtype=np.int64))
+            self.touched_users, self.touched_items = [], []
 
     def _end_chunk(self, ch_u: list[np.ndarray], ch_i: list[np.ndarray]) -> None:
         """Close a full chunk: initialise its new rows, expire idle ids, train, fill replay.
