@@ -18,6 +18,9 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from stream_rec.settings import WorkerSettings
+from stream_rec.snapshot import Fenced
+
 log = logging.getLogger(__name__)
 
 
@@ -183,3 +186,17 @@ def serve_health(check: Callable[[], tuple[bool, dict[str, Any]]], registry: Col
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="worker-health", daemon=True).start()
     return server
+
+
+def run_with_health(worker: Any, cfg: WorkerSettings, port_offset: int = 0) -> int:
+    """Run ``worker`` (a serial, pipelined or gang worker) with its ``/healthz`` and
+    ``/metrics`` on ``cfg.metrics_port + port_offset`` (none when the port is 0); the
+    process exit code: the worker's, or 3 when another writer fenced it."""
+    if cfg.metrics_port:
+        serve_health(worker.health.check, worker.metrics.registry,
+                     cfg.metrics_port + port_offset, host=cfg.metrics_host)
+    try:
+        return int(worker.run())
+    except Fenced as exc:
+        log.error("fenced: %s", exc)
+        return 3

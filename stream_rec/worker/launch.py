@@ -32,9 +32,8 @@ import threading
 import uuid
 
 from stream_rec.settings import Settings
-from stream_rec.snapshot import Fenced
 
-from .health import serve_health
+from .health import run_with_health
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +78,7 @@ def run_rank(settings: Settings, stop: threading.Event | None = None) -> int:
         worker = GangWorker(settings, TorchExchange(), stop=stop)
         log.info("rank %d of %d (%s, restart %s)", worker.rank, worker.world,
                  settings.worker.device, os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-        if settings.worker.metrics_port:
-            serve_health(worker.health.check, worker.metrics.registry,
-                         settings.worker.metrics_port + local,
-                         host=settings.worker.metrics_host)
-        try:
-            return worker.run()
-        except Fenced as exc:
-            log.error("fenced: %s", exc)
-            return 3
+        return run_with_health(worker, settings.worker, port_offset=local)
     finally:
         dist.destroy_process_group()
 

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 
 from stream_rec.model.config import GANG_WITHOUT_CONTENT
 from stream_rec.settings import Settings
-from stream_rec.snapshot import Fenced
 
-from .health import serve_health
+from .health import run_with_health
 from .launch import in_gang, launch_gang, run_rank
 from .pipeline import make_worker
-
-log = logging.getLogger(__name__)
 
 
 def run_worker(settings: Settings, stop: threading.Event | None = None, procs: int = 0,
@@ -34,11 +30,4 @@ def run_worker(settings: Settings, stop: threading.Event | None = None, procs: i
     worker = make_worker(settings, stop=stop)
     if stop is None:
         worker.install_signal_handlers()
-    if settings.worker.metrics_port:
-        serve_health(worker.health.check, worker.metrics.registry, settings.worker.metrics_port,
-                     host=settings.worker.metrics_host)
-    try:
-        return worker.run()
-    except Fenced as exc:
-        log.error("fenced: %s", exc)
-        return 3
+    return run_with_health(worker, settings.worker)
