@@ -49,7 +49,6 @@ from . import kernels
 from .buffers import Events, ReplayRing
 from .config import GANG_WITHOUT_CONTENT, ModelConfig
 from .exchange import Exchange
-from .expiry import expire
 from .gang_step import exchange_step
 from .state import Changed
 from .step import apply_user_grads, step_grads
@@ -258,17 +257,10 @@ class GangModel(StreamingModel):
         parts = np.concatenate(self.chunk_part) if self.chunk_part else np.zeros(0, np.int64)
         self.chunk_part = []
         learned, self.chunk_learned = self.chunk_learned, 0
-        all_items_changed = self.fast.reanchor(self.n_items)
-        if len(new_u):
-            self.params.init_users(new_u.tolist())
-        if len(new_i):
-            self.params.init_items(new_i.tolist(), self.step)
-        exp_u, exp_i = expire(self)
-        if len(exp_u) or len(exp_i):
-            alive = ~(np.isin(events.user, exp_u) | np.isin(events.item, exp_i))
+        all_items_changed, exp_u, exp_i = self._open_rows(new_u, new_i)
+        alive = self._alive(events, exp_u, exp_i)
+        if alive is not None:
             events, parts = events.select(alive), parts[alive]
-            if len(exp_i):
-                events.hist[np.isin(events.hist, exp_i)] = -1
             self.owner[exp_u] = -1
         ch_u.extend([exp_u, new_u])
         ch_i.extend([exp_i, new_i])

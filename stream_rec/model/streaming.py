@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from . import content, export, scoring
+from .buffers import Events
 from .config import ModelConfig, config_of_state, restore_changes
 from .core import ModelCore, resolve_device
 from .delta import StateDelta
@@ -100,22 +101,38 @@ class StreamingModel(ModelCore):
             ch_i.append(np.asarray(self.touched_items, dtype=np.int64))
             self.touched_users, self.touched_items = [], []
 
-    def _end_chunk(self, ch_u: list[np.ndarray], ch_i: list[np.ndarray]) -> None:
-        """Close a full chunk: initialise its new rows, expire idle ids, train, fill replay.
-
-        Appends every row this changes to ``ch_u`` / ``ch_i``.
-        """
-        events, new_u, new_i = self.chunk.close()
+    def _open_rows(self, new_u: np.ndarray, new_i: np.ndarray
+                   ) -> tuple[bool, np.ndarray, np.ndarray]:
+        """A closed chunk's rows: re-anchor popularity, initialise the new rows, expire idle
+        ids. Returns (whether every item row changed by re-anchoring, expired users, items)."""
         all_items_changed = self.fast.reanchor(self.n_items)
         if len(new_u):
             self.params.init_users(new_u.tolist())
         if len(new_i):
             self.params.init_items(new_i.tolist(), self.step)
         exp_u, exp_i = expire(self)
-        if len(exp_u) or len(exp_i):
-            events = events.select(~(np.isin(events.user, exp_u) | np.isin(events.item, exp_i)))
-            if len(exp_i):
-                events.hist[np.isin(events.hist, exp_i)] = -1
+        return all_items_changed, exp_u, exp_i
+
+    @staticmethod
+    def _alive(events: Events, exp_u: np.ndarray, exp_i: np.ndarray) -> np.ndarray | None:
+        """Which of a chunk's ``events`` keep their rows after expiry (None: all of them);
+        expired items leave the events' histories (slot set to -1) in place."""
+        if not len(exp_u) and not len(exp_i):
+            return None
+        if len(exp_i):
+            events.hist[np.isin(events.hist, exp_i)] = -1
+        return ~(np.isin(events.user, exp_u) | np.isin(events.item, exp_i))
+
+    def _end_chunk(self, ch_u: list[np.ndarray], ch_i: list[np.ndarray]) -> None:
+        """Close a full chunk: initialise its new rows, expire idle ids, train, fill replay.
+
+        Appends every row this changes to ``ch_u`` / ``ch_i``.
+        """
+        events, new_u, new_i = self.chunk.close()
+        all_items_changed, exp_u, exp_i = self._open_rows(new_u, new_i)
+        alive = self._alive(events, exp_u, exp_i)
+        if alive is not None:
+            events = events.select(alive)
         ch_u.extend([exp_u, new_u])
         ch_i.extend([exp_i, new_i])
         if len(events):
